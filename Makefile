@@ -1,0 +1,20 @@
+# `make train`: set up and train a small WeTok tokenizer on the embedded dataset (CPU, minutes).
+# `make test`:  set up and run the test suite.
+PYTHON := $(if $(VIRTUAL_ENV),python,.venv/bin/python)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup train test lint
+
+setup:
+	bash scripts/setup.sh
+
+train: setup
+	$(PYTHON) train.py --config tokenizer/wetok.yaml --config presets/cpu_small.yaml
+
+test: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -q -ra
+
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .

@@ -1,0 +1,137 @@
+"""The command line behind ``train.py``: LightningCLI with vistok's run-folder conventions.
+
+- ``--config tokenizer/wetok.yaml``: a path that does not exist as given is looked up under
+  ``configs/``; several ``--config`` stack, the last one winning. A config that starts with
+  ``# base: tokenizer/wetok.yaml`` stacks on that one. ``configs/defaults.yaml`` is always read
+  first.
+- ``--run_dir``: the run folder (default ``runs/<name of the first config>``). It receives
+  ``config.yaml`` (the resolved config), ``checkpoints/``, TensorBoard events, ``metrics.csv``,
+  ``images/`` (PNG grids) and ``results.json``.
+- ``--ckpt_path last`` resumes from the newest checkpoint of the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from vistok.common.results import ResultsJSON
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _find_config(value: str) -> Path:
+    for path in (Path(value), CONFIG_DIR / value):
+        if path.is_file():
+            return path
+    raise SystemExit(f"error: config file {value!r} not found (looked in ./ and {CONFIG_DIR}/)")
+
+
+def _with_bases(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
+    """``path`` preceded by the configs it stacks on, named in ``# base: NAME`` header lines."""
+    if path.resolve() in seen:
+        raise SystemExit(f"error: config {path} stacks on itself")
+    bases = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# base:"):
+            base = _find_config(line.split(":", 1)[1].strip())
+            bases += _with_bases(base, (*seen, path.resolve()))
+    return [*bases, path]
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Expand each ``--config NAME``: look NAME up under ``configs/`` when it is not a path that
+    exists, and put the configs it stacks on (``# base:`` headers) in front of it."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif arg.startswith("--config="):
+            value, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        for path in _with_bases(_find_config(value)):
+            out += ["--config", str(path)]
+    return out
+
+
+class VistokCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, **kwargs):
+        args = resolve_config_args(sys.argv[1:] if args is None else list(args))
+        super().__init__(
+            model_class=pl.LightningModule,
+            subclass_mode_model=True,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+            save_config_callback=None,  # saved by save_config() into the run folder
+            auto_configure_optimizers=False,
+            parser_kwargs={"default_config_files": [str(CONFIG_DIR / "defaults.yaml")]},
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None, help="run folder")
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None, help="checkpoint to resume, or 'last'"
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        if self.config.run_dir:
+            return Path(self.config.run_dir)
+        configs = [Path(str(c)) for c in (self.config.get("config") or [])]
+        return Path("runs") / (configs[0].stem if configs else "default")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        run_dir = self.run_dir
+        config["default_root_dir"] = str(run_dir)
+        if config.get("logger") in (None, True):
+            # name="" and version="" put every logger's files straight into the run folder.
+            config["logger"] = [
+                TensorBoardLogger(str(run_dir), name="", version=""),
+                CSVLogger(str(run_dir), name="", version=""),
+            ]
+        own = list(config.get("callbacks") or []) + callbacks
+        if not any(isinstance(c, ModelCheckpoint) for c in own):
+            every = config.get("val_check_interval")
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=str(run_dir / "checkpoints"),
+                    save_last=True,
+                    save_top_k=-1 if isinstance(every, int) else 1,
+                    every_n_train_steps=every if isinstance(every, int) else None,
+                    filename="step{step:07d}",
+                    auto_insert_metric_name=False,
+                )
+            )
+        if config["logger"]:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(ResultsJSON(run_dir / "results.json"))
+        return super()._instantiate_trainer(config, callbacks)
+
+    def save_config(self) -> Path:
+        path = self.run_dir / "config.yaml"
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
+        return path
+
+
+def main(args: list[str] | None = None) -> VistokCLI:
+    cli = VistokCLI(args)
+    cli.save_config()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    return cli

@@ -1,0 +1,288 @@
+"""Worker-side sample streams over WebDataset shards, and the loader that accounts for skips.
+
+Each DataLoader worker runs one ``ShardStream``: shards -> tar members (webdataset's
+``url_opener`` / ``tar_file_expander`` / ``group_by_keys``, with a handler that warns about and
+skips unreadable shards) -> [train: shuffle buffer] -> decode/crop -> batches.
+
+Skip counts travel inside the batches (``batch["skipped"]``) because workers are separate
+processes; a worker that meets many bad samples and no good ones sends count-only batches (no
+images) so that the main process still hears about it. ``StreamLoader`` (main process) removes the
+counts from every batch, adds them to a ``SkipStats``, drops count-only batches, and raises
+``DataQualityError`` when the bad fraction exceeds the limit.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from vistok.data.image_decode import SHARD_REASON, SKIP_REASONS, ImageDecoder, parse_label
+
+
+class DataQualityError(RuntimeError):
+    """Too many samples had to be skipped."""
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace patterns (``a-{000..009}.tar``), ``::``-joined lists, local paths, ``pipe:`` URLs."""
+    urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} expands to no shards")
+    return urls
+
+
+def partition_shards(
+    urls: list[str], rank: int, world_size: int, worker: int, num_workers: int
+) -> list[str]:
+    """The training shards one (rank, worker) reads.
+
+    Disjoint across every (rank, worker) when there are enough shards; otherwise disjoint across
+    ranks only; with fewer shards than ranks everybody reads all of them (with different seeds),
+    so no worker is ever left without data.
+    """
+    consumers = world_size * num_workers
+    if len(urls) >= consumers:
+        return urls[rank * num_workers + worker :: consumers]
+    if len(urls) >= world_size:
+        return urls[rank::world_size]
+    return list(urls)
+
+
+def _seeded_rng(*parts) -> random.Random:
+    # A str seed goes through SHA-512 in CPython: stable across runs and processes.
+    return random.Random(":".join(str(p) for p in ("vistok", *parts)))
+
+
+class _Pending:
+    """Skips seen by one worker and not yet shipped in a batch."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self.good = 0
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+
+class _ShardHandler:
+    """webdataset exception handler: warn with the shard's name, count it, keep going."""
+
+    def __init__(self, pending: _Pending):
+        self.pending = pending
+
+    def __call__(self, exn: Exception) -> bool:
+        # webdataset appends the url (and the open stream) to the exception's args.
+        url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), None)
+        cause = exn.args[0] if exn.args else ""
+        where = f"shard {url}" if url else "shard data"
+        warnings.warn(f"skipping unreadable {where}: {type(exn).__name__}: {cause}", stacklevel=2)
+        self.pending.counts[SHARD_REASON] += 1
+        return True
+
+
+class ShardStream(IterableDataset):
+    """Batches of decoded crops from a list of shards, for one rank.
+
+    train=True: infinite; each (rank, worker) cycles over its ``partition_shards`` in a fresh
+    seeded order every pass (resampling without replacement), through a shuffle buffer.
+    train=False: one pass in order; workers of a rank take whole shards, and ranks split the
+    samples of every shard: sample j of shard s belongs to rank (s + j) % world_size, so each
+    sample is read by exactly one rank and rank loads differ by at most about one sample per shard.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        decoder: ImageDecoder,
+        batch_size: int,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.urls, self.decoder, self.batch_size, self.train = urls, decoder, batch_size, train
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.epoch = 0  # set by StreamLoader before each pass (workers get a fresh copy)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = _seeded_rng(self.seed, self.rank, worker, self.epoch)
+        pending = _Pending()
+        handler = _ShardHandler(pending)
+        if self.train:
+            shards = self._cycle(partition_shards(self.urls, self.rank, self.world_size,
+                                                  worker, num_workers), rng, pending)
+        else:
+            shards = ({"url": u} for u in self.urls[worker::num_workers])
+        files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
+        samples = group_by_keys(files, handler=handler)
+        if self.train and self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, 100, rng=rng)
+        else:
+            samples = self._this_rank(samples)
+        yield from self._batches(samples, pending, rng if self.train else None)
+
+    def _cycle(self, urls: list[str], rng: random.Random, pending: _Pending):
+        while True:
+            good_before = pending.good
+            order = list(urls)
+            rng.shuffle(order)
+            for url in order:
+                yield {"url": url}
+            if pending.good == good_before and pending.counts[SHARD_REASON] >= len(urls):
+                raise RuntimeError(f"none of these training shards could be read: {urls}")
+
+    def _this_rank(self, samples):
+        index = {url: i for i, url in enumerate(self.urls)}
+        current, j = None, 0
+        for sample in samples:
+            url = sample.get("__url__")
+            if url != current:
+                current, j = url, 0
+            if (index.get(url, 0) + j) % self.world_size == self.rank:
+                yield sample
+            j += 1
+
+    def _batches(self, samples, pending: _Pending, rng: random.Random | None):
+        images, labels, keys = [], [], []
+        for sample in samples:
+            out = self.decoder(sample, rng)
+            if isinstance(out, str):
+                pending.counts[out] += 1
+                # No good sample for a whole batch's worth of skips: report them anyway.
+                if sum(pending.counts[r] for r in SKIP_REASONS) >= self.batch_size and not images:
+                    yield self._collate([], [], [], pending.take())
+                continue
+            pending.good += 1
+            images.append(out)
+            labels.append(parse_label(sample))
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield self._collate(images, labels, keys, pending.take())
+                images, labels, keys = [], [], []
+        # Finite (validation) streams: the last partial batch, and any skips after it.
+        if images or pending.counts:
+            yield self._collate(images, labels, keys, pending.take())
+
+    def _collate(self, images, labels, keys, skipped) -> dict:
+        res = self.decoder.resolution
+        if images:
+            # (B, R, R, 3) uint8 -> (B, 3, R, R) float in [-1, 1], converted once per batch
+            stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+            image = stacked.float().div_(127.5).sub_(1.0).contiguous()
+        else:
+            image = torch.empty(0, 3, res, res)
+        return {
+            "image": image,
+            "label": torch.tensor(labels, dtype=torch.long),
+            "key": keys,
+            "skipped": skipped,
+        }
+
+
+class SkipStats:
+    """Cumulative counts in the main process: good samples and skips by reason."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.reset()
+
+    def reset(self):
+        self.good = 0
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def bad(self) -> int:
+        return sum(self.skipped[r] for r in SKIP_REASONS)
+
+    @property
+    def bad_fraction(self) -> float:
+        seen = self.good + self.bad
+        return self.bad / seen if seen else 0.0
+
+    def as_dict(self) -> dict[str, int]:
+        return {r: self.skipped[r] for r in (*SKIP_REASONS, SHARD_REASON)}
+
+
+class StreamLoader(wds.WebLoader):
+    """WebLoader over a ``ShardStream`` (batching happens in the workers).
+
+    Lightning calls ``sampler.set_epoch(epoch)`` on every training loader at each epoch start, so
+    the loader plays its own sampler and hands the epoch to the stream's seed; used outside
+    Lightning, each new iteration counts as the next epoch.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        stats: SkipStats,
+        num_workers: int,
+        max_bad_fraction: float,
+        min_samples: int,
+        batches_per_epoch: int | None = None,
+    ):
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+        self.stream, self.stats = stream, stats
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
+        self.batches_per_epoch = batches_per_epoch
+        self.sampler = self
+        self._epoch = 0
+        self.append(self._account)
+        if batches_per_epoch is not None:
+            # Counted here, on the loader, after count-only batches are gone: every rank then
+            # yields exactly this many batches per epoch, whatever its workers' shard counts.
+            self.with_epoch(batches_per_epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("a read-once validation stream has no length")
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        self.stream.epoch = self._epoch
+        self._epoch += 1
+        if not self.stream.train:
+            self.stats.reset()  # one validation pass = one count
+        return super().__iter__()
+
+    def _account(self, batches):
+        for batch in batches:
+            for reason, n in batch.pop("skipped").items():
+                self.stats.skipped[reason] += n
+            self.stats.good += len(batch["key"])
+            self._check()
+            if batch["key"]:
+                yield batch
+
+    def _check(self):
+        stats = self.stats
+        if stats.good + stats.bad < self.min_samples or stats.bad_fraction <= self.max_bad_fraction:
+            return
+        counts = ", ".join(f"{r}={n}" for r, n in stats.as_dict().items() if n)
+        raise DataQualityError(
+            f"{stats.bad_fraction:.1%} of {stats.name} samples were skipped ({stats.bad} of "
+            f"{stats.good + stats.bad}: {counts}), above max_bad_fraction={self.max_bad_fraction}. "
+            "Fix or re-shard the data, or raise the limit (--data.max_bad_fraction)."
+        )

@@ -1,0 +1,312 @@
+"""Convolutional encoder/decoder of the VQGAN family, with WeTok's decoder options.
+
+The layout follows VQGAN (Esser et al. 2021, https://arxiv.org/abs/2012.09841) as used by
+LlamaGen (https://arxiv.org/abs/2406.06525): ResBlocks (GroupNorm + SiLU) per resolution level,
+strided-conv downsampling, optional self-attention at the lowest resolution. WeTok
+(https://arxiv.org/abs/2508.05599) drops attention, uses 4 mid blocks, and adds three decoder
+options that are switched on here by constructor arguments:
+
+- ``adaptive_norm``: every GroupNorm of the decoder takes its scale and bias from the decoder input
+  latent ``z``. ``z`` (B, z_channels, h, w) is pooled over all spatial positions into its
+  per-channel mean and std, (B, z_channels) each, and two Linear layers per norm map them to
+  (B, C) bias and scale. The same pooled statistics condition every level.
+- ``upsample="depth_to_space"``: a conv to 4C followed by a 2x pixel shuffle instead of nearest
+  interpolation + conv.
+- ``noise_channels > 0``: Generative Decoding. A Gaussian noise map is concatenated to ``z`` before
+  ``conv_in``; ``load_stage1`` starts it from a plain decoder with the noise part of ``conv_in`` at
+  zero, so training starts exactly where stage 1 ended.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vistok.common.configurable import Configurable
+
+# Named downsampling presets: len(channel_mult) - 1 stride-2 stages.
+CHANNEL_MULT: dict[str, list[int]] = {
+    "f8": [1, 2, 2, 4],
+    "f16": [1, 1, 2, 2, 4],
+    "f32": [1, 1, 2, 2, 4, 4],
+}
+
+
+def num_groups(channels: int) -> int:
+    """GroupNorm groups: 32 at the usual widths (>= 128), fewer for tiny widths.
+
+    The largest divisor of ``channels`` not above ``min(32, channels // 4)``, so each group keeps
+    at least 4 channels (statistics over 1-2 channels make GroupNorm an unstable instance norm).
+    """
+    limit = max(1, min(32, channels // 4))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GroupNorm whose affine scale/bias come from the pooled latent statistics (WeTok).
+
+    The Linear layers start at zero with the scale offset by 1, so at init this is a plain
+    GroupNorm and the conditioning is learned from there.
+    """
+
+    def __init__(self, channels: int, z_channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups(channels), channels, eps=1e-6, affine=False)
+        self.to_scale = nn.Linear(z_channels, channels)
+        self.to_bias = nn.Linear(z_channels, channels)
+        for layer in (self.to_scale, self.to_bias):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
+        mean, std = cond  # (B, Z) each
+        scale = 1 + rearrange(self.to_scale(std), "b c -> b c 1 1")
+        bias = rearrange(self.to_bias(mean), "b c -> b c 1 1")
+        return self.norm(x) * scale + bias
+
+
+def _norm(channels: int, z_channels: int | None) -> nn.Module:
+    if z_channels is None:
+        return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
+    return AdaptiveGroupNorm(channels, z_channels)
+
+
+def _apply_norm(norm: nn.Module, x: Tensor, cond: tuple[Tensor, Tensor] | None) -> Tensor:
+    return norm(x, cond) if isinstance(norm, AdaptiveGroupNorm) else norm(x)
+
+
+def latent_stats(z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of ``z`` over its spatial positions: (B, C) each."""
+    flat = rearrange(z, "b c h w -> b c (h w)")
+    mean = flat.mean(dim=-1)
+    std = (flat.var(dim=-1, unbiased=False) + eps).sqrt()
+    return mean, std
+
+
+class ResBlock(nn.Module):
+    def __init__(
+        self, in_ch: int, out_ch: int, dropout: float = 0.0, z_channels: int | None = None
+    ):
+        super().__init__()
+        self.norm1 = _norm(in_ch, z_channels)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _norm(out_ch, z_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        h = self.conv1(F.silu(_apply_norm(self.norm1, x, cond)))
+        h = self.conv2(self.dropout(F.silu(_apply_norm(self.norm2, h, cond))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map."""
+
+    def __init__(self, channels: int, z_channels: int | None = None):
+        super().__init__()
+        self.norm = _norm(channels, z_channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        h, w = x.shape[-2:]
+        qkv = self.qkv(_apply_norm(self.norm, x, cond))  # (B, 3C, H, W)
+        q, k, v = rearrange(qkv, "b (n c) h w -> n b 1 (h w) c", n=3)  # (B, 1, HW, C) each
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
+        return x + self.proj(out)
+
+
+class MidBlocks(nn.Module):
+    """``num_blocks`` ResBlocks, with attention after the first one when enabled (VQGAN)."""
+
+    def __init__(
+        self, channels: int, num_blocks: int, attention: bool, dropout: float, z_channels=None
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_blocks):
+            layers.append(ResBlock(channels, channels, dropout, z_channels))
+            if attention and i == 0:
+                layers.append(AttnBlock(channels, z_channels))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, cond)
+        return x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, mode: Literal["nearest", "depth_to_space"]):
+        super().__init__()
+        self.mode = mode
+        out = 4 * channels if mode == "depth_to_space" else channels
+        self.conv = nn.Conv2d(channels, out, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "depth_to_space":
+            # (B, 4C, H, W) -> (B, C, 2H, 2W)
+            return rearrange(self.conv(x), "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class Encoder(Configurable, nn.Module):
+    """Images (B, in_channels, H, W) -> latents (B, z_channels, H/f, W/f), f = ``downsample``."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: int = 128,
+        channel_mult: list[int] = [1, 1, 2, 2, 4],  # noqa: B006 - recorded in the config as is
+        num_res_blocks: int = 2,
+        z_channels: int = 256,
+        mid_attention: bool = True,
+        num_mid_blocks: int = 2,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels * channel_mult[0], 3, padding=1)
+        levels = []
+        in_ch = channels * channel_mult[0]
+        for i, mult in enumerate(channel_mult):
+            out_ch = channels * mult
+            level = nn.Module()
+            level.blocks = nn.ModuleList(
+                ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout) for j in range(num_res_blocks)
+            )
+            level.down = Downsample(out_ch) if i < len(channel_mult) - 1 else nn.Identity()
+            levels.append(level)
+            in_ch = out_ch
+        self.levels = nn.ModuleList(levels)
+        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout)
+        self.norm_out = _norm(in_ch, None)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
+        self._downsample = 2 ** (len(channel_mult) - 1)
+
+    @property
+    def downsample(self) -> int:
+        return self._downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)  # (B, C0, H, W)
+        for level in self.levels:
+            for block in level.blocks:
+                h = block(h)
+            h = level.down(h)  # halves H, W except at the last level
+        h = self.mid(h)  # (B, C_last, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
+
+
+class Decoder(Configurable, nn.Module):
+    """Latents (B, z_channels, h, w) -> images (B, out_channels, h*f, w*f); mirror of Encoder.
+
+    Each level has ``num_res_blocks`` ResBlocks like the encoder (WeTok/MAGVIT-v2 layout; VQGAN
+    uses one more).
+    """
+
+    def __init__(
+        self,
+        out_channels: int = 3,
+        channels: int = 128,
+        channel_mult: list[int] = [1, 1, 2, 2, 4],  # noqa: B006 - recorded in the config as is
+        num_res_blocks: int = 2,
+        z_channels: int = 256,
+        mid_attention: bool = True,
+        num_mid_blocks: int = 2,
+        dropout: float = 0.0,
+        adaptive_norm: bool = False,
+        upsample: Literal["nearest", "depth_to_space"] = "nearest",
+        noise_channels: int = 0,
+    ):
+        super().__init__()
+        if upsample not in ("nearest", "depth_to_space"):
+            raise ValueError(f"upsample must be 'nearest' or 'depth_to_space', got {upsample!r}")
+        self.z_channels = z_channels
+        self.noise_channels = noise_channels
+        cond = z_channels if adaptive_norm else None
+        in_ch = channels * channel_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels + noise_channels, in_ch, 3, padding=1)
+        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout, cond)
+        levels = []
+        for i in reversed(range(len(channel_mult))):
+            out_ch = channels * channel_mult[i]
+            level = nn.Module()
+            level.blocks = nn.ModuleList(
+                ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout, cond)
+                for j in range(num_res_blocks)
+            )
+            level.up = Upsample(out_ch, upsample) if i > 0 else nn.Identity()
+            levels.append(level)
+            in_ch = out_ch
+        self.levels = nn.ModuleList(levels)
+        self.norm_out = _norm(in_ch, cond)
+        self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
+        self._adaptive = adaptive_norm
+
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight of the final conv (for the adaptive GAN weight)."""
+        return self.conv_out.weight
+
+    def forward(
+        self, z: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``noise`` (B, noise_channels, h, w) is drawn from ``generator`` when not given.
+
+        The noise is drawn on the generator's device and then moved, so a CPU generator gives the
+        same noise whatever device ``z`` is on.
+        """
+        if self.noise_channels > 0:
+            if noise is None:
+                b, _, h, w = z.shape
+                device = generator.device if generator is not None else z.device
+                noise = torch.randn(
+                    (b, self.noise_channels, h, w), generator=generator, device=device
+                ).to(z)
+            z_in = torch.cat([z, noise], dim=1)  # (B, z_channels + noise_channels, h, w)
+        elif noise is not None:
+            raise ValueError("noise given to a decoder built with noise_channels=0")
+        else:
+            z_in = z
+        cond = latent_stats(z) if self._adaptive else None
+        h = self.mid(self.conv_in(z_in), cond)  # (B, C_last, h, w)
+        for level in self.levels:
+            for block in level.blocks:
+                h = block(h, cond)
+            h = level.up(h)  # doubles h, w except at the last level
+        h = F.silu(_apply_norm(self.norm_out, h, cond))
+        return self.conv_out(h)  # (B, out_channels, h*f, w*f)
+
+    @torch.no_grad()
+    def load_stage1(self, state_dict: dict[str, Tensor]) -> None:
+        """Start a Generative-Decoding decoder from a plain (stage-1) decoder's weights.
+
+        Every weight is copied; ``conv_in`` gets the stage-1 kernel on the latent channels and
+        zeros on the noise channels, so the output equals the stage-1 decoder's for any noise.
+        """
+        state = dict(state_dict)
+        w = state["conv_in.weight"]  # (C, z_channels, 3, 3)
+        if w.shape[1] != self.z_channels:
+            raise ValueError(
+                f"stage-1 conv_in takes {w.shape[1]} channels, expected z_channels="
+                f"{self.z_channels} (is it already a generative decoder?)"
+            )
+        noise_part = w.new_zeros(w.shape[0], self.noise_channels, *w.shape[2:])
+        state["conv_in.weight"] = torch.cat([w, noise_part], dim=1)
+        self.load_state_dict(state, strict=True)

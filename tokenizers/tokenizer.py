@@ -1,0 +1,128 @@
+"""The tokenizer: encoder -> quantizer -> decoder, as one plain nn.Module.
+
+Images are NCHW in [-1, 1]. The family files (``vq.py``, ``wetok.py``, ``binary.py``,
+``gaussian.py``) subclass :class:`Tokenizer` with typed arguments and named presets; any other
+combination of parts can be built directly from ``class_path``/``init_args`` configs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor, nn
+
+from vistok.common.configurable import Configurable
+from vistok.tokenizers.quantizers.base import CodeSpace, Quantizer, QuantizerOutput
+
+
+class ChannelLinear(nn.Linear):
+    """A 1x1 convolution for any number of spatial dims: maps dim 1 of (B, C, *spatial)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class Tokenizer(Configurable, nn.Module):
+    """encoder -> proj_in -> quantizer -> proj_out -> decoder.
+
+    ``proj_in``/``proj_out`` adapt the encoder and decoder widths to what the quantizer takes and
+    gives, so any quantizer fits any pair of nets.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        quantizer: Quantizer,
+        decoder: nn.Module,
+        resolution: int = 256,
+        z_channels: int | None = None,
+    ):
+        super().__init__()
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
+        self.resolution = resolution
+        z = z_channels or encoder.z_channels
+        self.proj_in = ChannelLinear(z, quantizer.in_channels)
+        self.proj_out = ChannelLinear(quantizer.code_space.channels, decoder.z_channels)
+
+    # --- what generators read --------------------------------------------------------------
+    @property
+    def code_space(self) -> CodeSpace:
+        return self.quantizer.code_space
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """Spatial shape of the code map for an image at ``self.resolution``."""
+        side = self.resolution // self.encoder.downsample
+        return (side, side)
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.decoder.last_layer
+
+    # --- encode / decode -------------------------------------------------------------------
+    def quantize(self, images: Tensor) -> QuantizerOutput:
+        z = self.proj_in(self.encoder(images))  # (B, C_q, h, w)
+        return self.quantizer(z)
+
+    def decode(
+        self, latents: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Quantized latents (B, C, h, w) -> images (B, 3, H, W)."""
+        z = self.proj_out(latents)
+        if getattr(self.decoder, "noise_channels", 0):
+            return self.decoder(z, noise=noise, generator=generator)
+        return self.decoder(z)
+
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, QuantizerOutput]:
+        out = self.quantize(images)
+        return self.decode(out.quantized, generator=generator), out
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images -> codes (discrete) or latents (continuous, deterministic in eval mode)."""
+        return self.quantize(images).codes
+
+    tokenize = encode
+
+    @torch.no_grad()
+    def detokenize(self, codes: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.decode(self.quantizer.codes_to_latents(codes), generator=generator)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": type(self).__name__,
+            "resolution": self.resolution,
+            "token_shape": list(self.token_shape),
+            "code_space": self.code_space.to_dict(),
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }
+
+
+class ConvArgs(TypedDict, total=False):
+    """Arguments shared by the CNN encoder/decoder pair (see ``nets/cnn.py``)."""
+
+    channels: int
+    channel_mult: list[int]
+    num_res_blocks: int
+    z_channels: int
+    mid_attention: bool
+    num_mid_blocks: int
+    dropout: float
+
+
+def conv_nets(cfg: dict[str, Any], **decoder_options: Any) -> tuple[nn.Module, nn.Module]:
+    """The CNN encoder and its mirrored decoder from a resolved family config."""
+    from vistok.tokenizers.nets.cnn import Decoder, Encoder
+
+    shared = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg}
+    return Encoder(**shared), Decoder(**shared, **decoder_options)
+
+
+def resolve_preset(presets: dict[str, dict], preset: str, **given: Any) -> dict[str, Any]:
+    """The preset's values, overridden by every argument that is not None."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    return {**presets[preset], **{k: v for k, v in given.items() if v is not None}}

@@ -1,0 +1,214 @@
+"""One LightningModule that trains any tokenizer.
+
+Manual optimization with a generator (tokenizer) and a discriminator optimizer. Only the generator
+optimizer goes through Lightning's wrapper, so ``global_step`` counts generator steps: with two
+wrapped optimizers Lightning counts both (Lightning #17958) and "discriminator starts at step N"
+would silently mean N/2. fp16 loss scaling is therefore not supported; use bf16-mixed or 32.
+
+Stages:
+- ``main``: everything trains.
+- ``generative_decoder``: WeTok stage 2. Encoder, projection and quantizer are frozen; the decoder
+  (with noise input) is initialised from the stage-1 checkpoint given as ``init_from``.
+- ``post_train``: decoder post-training against a generator (RobusTok); encoder and quantizer
+  frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from vistok.common.checkpoints import config_differences, load_tokenizer_weights
+from vistok.common.configurable import instantiate
+from vistok.common.ema import EMA
+from vistok.common.images import save_grid
+from vistok.losses.tokenizer_loss import TokenizerLoss
+from vistok.tokenizers.tokenizer import Tokenizer
+
+Stage = Literal["main", "generative_decoder", "post_train"]
+FROZEN_IN_STAGE = {
+    "main": (),
+    "generative_decoder": ("encoder", "proj_in", "quantizer"),
+    "post_train": ("encoder", "proj_in", "quantizer"),
+}
+
+
+class TokenizerModule(pl.LightningModule):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        loss: TokenizerLoss,
+        stage: Stage = "main",
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.5, 0.9),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
+        grad_clip: float | None = 1.0,
+        ema_decay: float | None = None,
+        grid_images: int = 8,
+    ):
+        super().__init__()
+        # Checkpoints carry configs, not pickled objects: load_from_checkpoint rebuilds from them.
+        tokenizer = instantiate(tokenizer) if isinstance(tokenizer, dict) else tokenizer
+        loss = instantiate(loss) if isinstance(loss, dict) else loss
+        hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        hparams.update(tokenizer=tokenizer.config, loss=loss.config, init_from=None)
+        self.save_hyperparameters(hparams)
+        self.automatic_optimization = False
+
+        self.tokenizer, self.loss = tokenizer, loss
+        self.stage = stage
+        if init_from:
+            load_tokenizer_weights(tokenizer, init_from, stage=stage)
+        for name in FROZEN_IN_STAGE[stage]:
+            getattr(tokenizer, name).requires_grad_(False)
+        self.ema = EMA(tokenizer, ema_decay) if ema_decay else None
+        self._grid: list[Tensor] | None = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before any weight is copied: a checkpoint of another model is refused whole.
+        found = checkpoint.get("hyper_parameters", {}).get("tokenizer")
+        diffs = config_differences(self.tokenizer.config, found)
+        if diffs:
+            raise ValueError(
+                "the checkpoint was trained with a different tokenizer configuration:\n  "
+                + "\n  ".join(diffs[:20])
+            )
+
+    # --- training ----------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in FROZEN_IN_STAGE[self.stage]:  # frozen parts stay deterministic (no EMA codebook)
+            getattr(self.tokenizer, name).eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.loss.has_discriminator and "16-mixed" == str(self.trainer.precision):
+            raise ValueError(
+                "GAN training does not support fp16 loss scaling; set trainer.precision to "
+                "'bf16-mixed' or '32-true'"
+            )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        step = self.global_step  # generator steps only (see module docstring)
+        opts = self.optimizers()
+        opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
+
+        recon, q = self.tokenizer(images)
+        g_loss, logs = self.loss.generator_loss(
+            images, recon, q.loss, step, self.tokenizer.last_layer
+        )
+        if not torch.isfinite(g_loss):
+            raise FloatingPointError(f"non-finite generator loss at step {step}: {logs}")
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self._clip(opt_g)
+        opt_g.step()
+        self._step_schedulers()
+        if self.ema is not None:
+            self.ema.update()
+
+        if opt_d is not None and self.loss.gan_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), step)
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._clip(opt_d)
+            opt_d.optimizer.step()  # unwrapped on purpose: keeps global_step = generator steps
+            logs.update(d_logs)
+
+        logs.update({f"quant/{k}": v for k, v in q.stats.items()})
+        self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, prog_bar=False)
+        self.log("train/loss", g_loss.detach(), prog_bar=True)
+
+    def _clip(self, optimizer) -> None:
+        if self.hparams.grad_clip:
+            self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
+
+    def _step_schedulers(self) -> None:
+        scheds = self.lr_schedulers()
+        for s in scheds if isinstance(scheds, list) else [scheds]:
+            if s is not None:
+                s.step()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        fused = bool(params) and params[0].is_cuda
+        opt_g = torch.optim.Adam(
+            params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused
+        )
+        optimizers = [opt_g]
+        if self.loss.has_discriminator:
+            d_params = list(self.loss.discriminator.parameters())
+            optimizers.append(
+                torch.optim.Adam(d_params, lr=hp.disc_lr or hp.lr, betas=tuple(hp.betas))
+            )
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
+        schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(o, self._lr_factor(total)) for o in optimizers
+        ]
+        return optimizers, schedulers
+
+    def _lr_factor(self, total_steps: int):
+        hp = self.hparams
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "constant" or total_steps <= hp.warmup_steps:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / (total_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return factor
+
+    # --- validation --------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:
+            self.ema.swap()  # validate the averaged weights; swapped back at epoch end
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        recon, q = self.tokenizer(images)
+        recon = recon.float().clamp(-1, 1)
+        err = recon - images.float()
+        mse = err.pow(2).flatten(1).mean(1)  # (B,)
+        # Baseline a tokenizer must beat: every pixel replaced by its image's mean colour.
+        mean_color = images.float().mean(dim=(2, 3), keepdim=True)
+        metrics = {
+            "val/l1": err.abs().mean(),
+            "val/mse": mse.mean(),
+            "val/psnr": (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean(),
+            "val/baseline_l1": (images.float() - mean_color).abs().mean(),
+        }
+        metrics.update({f"val/quant_{k}": v.float() for k, v in q.stats.items()})
+        self.log_dict(metrics, sync_dist=True, batch_size=images.shape[0])
+        if batch_idx == 0:
+            n = self.hparams.grid_images
+            self._grid = [images[:n], recon[:n]]
+
+    def on_validation_epoch_end(self) -> None:
+        if self.ema is not None:
+            self.ema.swap()
+        if self._grid is None or self.trainer.sanity_checking:
+            return
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            path = Path(self.trainer.log_dir) / "images" / f"recon_{self.global_step:07d}.png"
+            save_grid(self._grid, path)
+        self._grid = None
+
+    # --- inference helpers ---------------------------------------------------------------------
+    def averaged(self):
+        """Context in which the tokenizer carries its EMA weights (no-op without EMA)."""
+        return self.ema.swapped() if self.ema is not None else nullcontext()

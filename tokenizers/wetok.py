@@ -1,0 +1,64 @@
+"""WeTok: group-wise lookup-free quantization (GQ) and generative decoding (GD).
+
+https://arxiv.org/abs/2508.05599. All-CNN encoder/decoder (no attention, 4 mid blocks), decoder
+conditioned on the quantized latent by adaptive GroupNorm, depth-to-space upsampling. Presets
+follow the paper's compression ratios, ratio = 256*256*24 / (tokens * bits per token):
+
+| preset       | downsample | tokens | bits (groups x bits) | ratio |
+| compratio24  | 8          | 32x32  | 64 (8 x 8)           | 24    |
+| compratio48  | 8          | 32x32  | 32 (4 x 8)           | 48    |
+| compratio192 | 16         | 16x16  | 32 (4 x 8)           | 192   |
+| compratio768 | 32         | 8x8    | 32 (4 x 8)           | 768   |
+
+``generative=True`` is stage 2 (GD): the decoder also takes a Gaussian noise map of the latent's
+shape, concatenated on channels; its noise weights start at zero when initialised from stage 1.
+"""
+
+from __future__ import annotations
+
+from typing_extensions import Unpack
+
+from vistok.tokenizers.quantizers.lfq import LFQ
+from vistok.tokenizers.tokenizer import ConvArgs, Tokenizer, conv_nets, resolve_preset
+
+_CNN = dict(channels=128, num_res_blocks=4, mid_attention=False, num_mid_blocks=4)
+
+WETOK_PRESETS: dict[str, dict] = {
+    "compratio24": dict(_CNN, channel_mult=[1, 2, 2, 4], bits=64, groups=8),
+    "compratio48": dict(_CNN, channel_mult=[1, 2, 2, 4], bits=32, groups=4),
+    "compratio192": dict(_CNN, channel_mult=[1, 1, 2, 2, 4], bits=32, groups=4),
+    "compratio768": dict(_CNN, channel_mult=[1, 1, 2, 2, 4, 4], bits=32, groups=4),
+}
+
+
+class WeTok(Tokenizer):
+    def __init__(
+        self,
+        preset: str = "compratio192",
+        resolution: int = 256,
+        bits: int | None = None,
+        groups: int | None = None,
+        entropy_weight: float = 0.1,
+        commitment_weight: float = 0.25,
+        temperature: float = 0.01,
+        pooled_marginal: bool = False,
+        generative: bool = False,
+        **cnn: Unpack[ConvArgs],
+    ):
+        cfg = resolve_preset(WETOK_PRESETS, preset, bits=bits, groups=groups, **cnn)
+        cfg.setdefault("z_channels", cfg["bits"])
+        encoder, decoder = conv_nets(
+            cfg,
+            adaptive_norm=True,
+            upsample="depth_to_space",
+            noise_channels=cfg["z_channels"] if generative else 0,
+        )
+        quantizer = LFQ(
+            bits=cfg["bits"],
+            groups=cfg["groups"],
+            commitment_weight=commitment_weight,
+            entropy_weight=entropy_weight,
+            temperature=temperature,
+            pooled_marginal=pooled_marginal,
+        )
+        super().__init__(encoder, quantizer, decoder, resolution)
