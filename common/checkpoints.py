@@ -39,8 +39,11 @@ def config_differences(expected: Any, found: Any, prefix: str = "") -> list[str]
         return out
     if isinstance(expected, (list, tuple)) and isinstance(found, (list, tuple)):
         if len(expected) == len(found):
-            return [d for i, (a, b) in enumerate(zip(expected, found))
-                    for d in config_differences(a, b, f"{prefix}[{i}]")]
+            return [
+                d
+                for i, (a, b) in enumerate(zip(expected, found))
+                for d in config_differences(a, b, f"{prefix}[{i}]")
+            ]
     return [] if expected == found else [f"{prefix}: expected {expected!r}, found {found!r}"]
 
 
@@ -67,7 +70,7 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 
 def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     prefix = prefix.rstrip(".") + "."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_tokenizer_weights(tokenizer: nn.Module, path: str | Path, stage: str = "main") -> None:
@@ -86,8 +89,11 @@ def load_tokenizer_weights(tokenizer: nn.Module, path: str | Path, stage: str = 
         decoder_state = submodule_state(state, "decoder")
         rest = {k: v for k, v in state.items() if not k.startswith("decoder.")}
         own_rest = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("decoder.")}
-        problems = [p for p in state_dict_problems(tokenizer, {**own_rest, **rest})
-                    if not p.startswith("missing key decoder.")]
+        problems = [
+            p
+            for p in state_dict_problems(tokenizer, {**own_rest, **rest})
+            if not p.startswith("missing key decoder.")
+        ]
         if problems:
             raise ValueError(f"{path} does not fit this tokenizer: {problems[:20]}")
         tokenizer.load_state_dict({**tokenizer.state_dict(), **rest})

@@ -56,8 +56,11 @@ class ResultsJSON(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = {k: _plain(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
-        entry = {"step": trainer.global_step, "metrics": metrics,
-                 "protocol": self.protocol(trainer, pl_module)}
+        entry = {
+            "step": trainer.global_step,
+            "metrics": metrics,
+            "protocol": self.protocol(trainer, pl_module),
+        }
         history = json.loads(self.path.read_text()) if self.path.exists() else []
         history.append(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,9 +72,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def crop_box(
-    width: int, height: int, rng: random.Random | None
-) -> tuple[int, int, int, int]:
+def crop_box(width: int, height: int, rng: random.Random | None) -> tuple[int, int, int, int]:
     """Largest centred (rng None) or randomly placed square: the crop of a shorter-side resize."""
     side = min(width, height)
     if rng is None:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
-
 from vistok.data.image_decode import SHARD_REASON, SKIP_REASONS, ImageDecoder, parse_label
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 
 class DataQualityError(RuntimeError):
@@ -123,8 +122,11 @@ class ShardStream(IterableDataset):
         pending = _Pending()
         handler = _ShardHandler(pending)
         if self.train:
-            shards = self._cycle(partition_shards(self.urls, self.rank, self.world_size,
-                                                  worker, num_workers), rng, pending)
+            shards = self._cycle(
+                partition_shards(self.urls, self.rank, self.world_size, worker, num_workers),
+                rng,
+                pending,
+            )
         else:
             shards = ({"url": u} for u in self.urls[worker::num_workers])
         files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
@@ -220,9 +222,10 @@ class SkipStats:
 class StreamLoader(wds.WebLoader):
     """WebLoader over a ``ShardStream`` (batching happens in the workers).
 
-    Lightning calls ``sampler.set_epoch(epoch)`` on every training loader at each epoch start, so
-    the loader plays its own sampler and hands the epoch to the stream's seed; used outside
-    Lightning, each new iteration counts as the next epoch.
+    The epoch that seeds a pass is read when the pass actually starts (Lightning creates
+    iterators it never consumes, and prefetches before announcing the epoch): from
+    ``epoch_source`` (the DataModule passes the Trainer's ``current_epoch``, right after a resume
+    too), else the number of passes started so far.
     """
 
     def __init__(
@@ -233,6 +236,7 @@ class StreamLoader(wds.WebLoader):
         max_bad_fraction: float,
         min_samples: int,
         batches_per_epoch: int | None = None,
+        epoch_source: Callable[[], int | None] | None = None,
     ):
         super().__init__(
             stream,
@@ -241,19 +245,18 @@ class StreamLoader(wds.WebLoader):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
         )
-        self.stream, self.stats = stream, stats
+        # ``dataset`` tells Lightning this is an iterable-style loader (no sampler to replace).
+        self.stream = self.dataset = stream
+        self.stats = stats
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.batches_per_epoch = batches_per_epoch
-        self.sampler = self
-        self._epoch = 0
+        self.epoch_source = epoch_source
+        self._passes = 0
         self.append(self._account)
         if batches_per_epoch is not None:
             # Counted here, on the loader, after count-only batches are gone: every rank then
             # yields exactly this many batches per epoch, whatever its workers' shard counts.
             self.with_epoch(batches_per_epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -261,11 +264,13 @@ class StreamLoader(wds.WebLoader):
         return self.batches_per_epoch
 
     def __iter__(self):
-        self.stream.epoch = self._epoch
-        self._epoch += 1
+        # A generator: nothing below runs until the first batch is requested.
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        self.stream.epoch = self._passes if epoch is None else epoch
+        self._passes += 1
         if not self.stream.train:
             self.stats.reset()  # one validation pass = one count
-        return super().__iter__()
+        yield from super().__iter__()
 
     def _account(self, batches):
         for batch in batches:

@@ -23,16 +23,16 @@ class Derived(Inner):
 
 
 def test_config_round_trip_rebuilds_equal_structure(monkeypatch):
-    monkeypatch.setattr(
-        "vistok.common.configurable.ALLOWED_PREFIX", "test_configurable."
-    )
+    monkeypatch.setattr("vistok.common.configurable.ALLOWED_PREFIX", "test_configurable.")
     obj = Outer(Inner(width=3, scales=[5]), gain=2.0, flag=True)
     cfg = obj.config
     assert cfg == {
         "class_path": "test_configurable.Outer",
         "init_args": {
-            "inner": {"class_path": "test_configurable.Inner",
-                      "init_args": {"width": 3, "scales": [5]}},
+            "inner": {
+                "class_path": "test_configurable.Inner",
+                "init_args": {"width": 3, "scales": [5]},
+            },
             "gain": 2.0,
             "flag": True,
         },

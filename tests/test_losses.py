@@ -28,7 +28,7 @@ def lpips_model():
     return LPIPS()
 
 
-def _photo(name: str, size: int = 224) -> torch.Tensor:
+def _photo(name: str, size: int = 128) -> torch.Tensor:
     skimage_data = pytest.importorskip("skimage.data")
     img = torch.from_numpy(getattr(skimage_data, name)()).permute(2, 0, 1).float()
     img = img[None] / 127.5 - 1  # (1, 3, H, W) in [-1, 1]
@@ -39,7 +39,7 @@ def test_lpips_orders_real_distortions(lpips_model):
     from torchvision.transforms.functional import gaussian_blur
 
     ref = _photo("astronaut")
-    noisy = (ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0)))
+    noisy = ref + 0.05 * torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
     blurred = gaussian_blur(ref, [13, 13], [2.0, 2.0])
     others = torch.cat([_photo("coffee"), _photo("chelsea")])
     with torch.no_grad():
@@ -73,31 +73,21 @@ def test_lpips_gradient_reaches_input_only(lpips_model):
     assert all(p.grad is None and not p.requires_grad for p in lpips_model.net.parameters())
 
 
-def test_lpips_out_of_state_dict_but_moves_with_parent(lpips_model):
+def test_lpips_out_of_state_dict_but_moves_with_parent():
     parent = nn.Module()
     parent.lin = nn.Linear(2, 2)
-    parent.lpips = lpips_model
+    parent.lpips = lpips = LPIPS()  # own instance: it ends on the meta device
     assert set(parent.state_dict()) == {"lin.weight", "lin.bias"}
-    assert len(list(parent.parameters())) == 2
+    assert len(list(parent.parameters())) == 2 and len(list(parent.buffers())) == 0
     parent.train()
-    assert not lpips_model.training and not lpips_model.net.training
-    try:
-        parent.to(torch.float64)
-        assert lpips_model.net.convs[0].weight.dtype == torch.float64
-        parent.to("meta")  # a device move without a GPU
-        assert lpips_model.net.convs[0].weight.device.type == "meta"
-        assert lpips_model.net.shift.device.type == "meta"
-    finally:
-        parent.to("cpu", torch.float32)
-    assert torch.isfinite(lpips_model.net.convs[0].weight).all()
-
-
-def test_lpips_reloads_after_meta(lpips_model):
-    # the previous test moved the shared model through "meta"; reload real weights for later tests
-    fresh = LPIPS()
-    lpips_model.net.load_state_dict(fresh.net.state_dict())
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    assert lpips_model(x, x).abs().max() < 1e-6
+    assert not lpips.training and not lpips.net.training
+    parent.to(torch.float64)
+    assert lpips.net.convs[0].weight.dtype == torch.float64
+    x = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    assert lpips(x, x).dtype == torch.float64
+    parent.to("meta")  # a device move that needs no GPU
+    assert lpips.net.convs[0].weight.device.type == "meta"
+    assert lpips.net.shift.device.type == "meta"
 
 
 def test_conversion_is_deterministic(tmp_path):
@@ -137,7 +127,7 @@ def test_gan_losses_match_closed_forms():
     fake = torch.tensor([-2.0, -0.5, 1.0, 0.0])
     # hinge: relu(1 - r) = [0, .5, 2, 1] mean .875; relu(1 + f) = [0, .5, 2, 1] mean .875
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.875)
-    assert hinge_g_loss(fake).item() == pytest.approx(0.625)
+    assert hinge_g_loss(fake).item() == pytest.approx(0.375)  # -mean(fake)
     sig = torch.sigmoid
     bce = 0.5 * (-torch.log(sig(real)).mean() - torch.log(1 - sig(fake)).mean())
     assert vanilla_d_loss(real, fake).item() == pytest.approx(bce.item(), rel=1e-6)
@@ -163,7 +153,9 @@ def test_lecam_ema_updates_and_checkpoints():
     lecam = LeCAM(decay=0.9).train()
     real, fake = torch.full((4,), 2.0), torch.full((4,), -1.0)
     reg = lecam(real, fake)
-    assert lecam.ema_real.item() == pytest.approx(0.2) and lecam.ema_fake.item() == pytest.approx(-0.1)
+    assert lecam.ema_real.item() == pytest.approx(0.2) and lecam.ema_fake.item() == pytest.approx(
+        -0.1
+    )
     # relu(2 - (-0.1))^2 + relu(0.2 - (-1))^2
     assert reg.item() == pytest.approx(2.1**2 + 1.2**2, rel=1e-5)
     restored = LeCAM(decay=0.9)
@@ -217,7 +209,9 @@ def test_discriminator_trained_only_by_its_own_loss():
 
 
 def test_tokenizer_loss_config_round_trip_and_lpips_excluded():
-    loss = TokenizerLoss(perceptual_weight=1.0, lecam_weight=0.05, discriminator=PatchDiscriminator(ndf=8))
+    loss = TokenizerLoss(
+        perceptual_weight=1.0, lecam_weight=0.05, discriminator=PatchDiscriminator(ndf=8)
+    )
     rebuilt = instantiate(loss.config)
     assert rebuilt.config == loss.config and isinstance(rebuilt.discriminator, PatchDiscriminator)
     assert not any(k.startswith("perceptual") for k in loss.state_dict())

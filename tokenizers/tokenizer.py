@@ -61,9 +61,12 @@ class Tokenizer(Configurable, nn.Module):
         return self.decoder.last_layer
 
     # --- encode / decode -------------------------------------------------------------------
+    def pre_quant(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> what the quantizer takes (B, C_q, h, w)."""
+        return self.proj_in(self.encoder(images))
+
     def quantize(self, images: Tensor) -> QuantizerOutput:
-        z = self.proj_in(self.encoder(images))  # (B, C_q, h, w)
-        return self.quantizer(z)
+        return self.quantizer(self.pre_quant(images))
 
     def decode(
         self, latents: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None

@@ -29,6 +29,7 @@ from vistok.common.configurable import instantiate
 from vistok.common.ema import EMA
 from vistok.common.images import save_grid
 from vistok.losses.tokenizer_loss import TokenizerLoss
+from vistok.tokenizers.perturbation import LatentPerturbation
 from vistok.tokenizers.tokenizer import Tokenizer
 
 Stage = Literal["main", "generative_decoder", "post_train"]
@@ -44,6 +45,7 @@ class TokenizerModule(pl.LightningModule):
         self,
         tokenizer: Tokenizer,
         loss: TokenizerLoss,
+        perturbation: LatentPerturbation | None = None,
         stage: Stage = "main",
         init_from: str | None = None,
         lr: float = 1e-4,
@@ -61,12 +63,17 @@ class TokenizerModule(pl.LightningModule):
         # Checkpoints carry configs, not pickled objects: load_from_checkpoint rebuilds from them.
         tokenizer = instantiate(tokenizer) if isinstance(tokenizer, dict) else tokenizer
         loss = instantiate(loss) if isinstance(loss, dict) else loss
+        if isinstance(perturbation, dict):
+            perturbation = instantiate(perturbation)
+        if perturbation is not None and tokenizer.code_space.kind == "continuous":
+            raise ValueError("latent perturbation needs discrete codes; this tokenizer has none")
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         hparams.update(tokenizer=tokenizer.config, loss=loss.config, init_from=None)
+        hparams["perturbation"] = perturbation.config if perturbation is not None else None
         self.save_hyperparameters(hparams)
         self.automatic_optimization = False
 
-        self.tokenizer, self.loss = tokenizer, loss
+        self.tokenizer, self.loss, self.perturbation = tokenizer, loss, perturbation
         self.stage = stage
         if init_from:
             load_tokenizer_weights(tokenizer, init_from, stage=stage)
@@ -88,7 +95,9 @@ class TokenizerModule(pl.LightningModule):
     # --- training ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in FROZEN_IN_STAGE[self.stage]:  # frozen parts stay deterministic (no EMA codebook)
+        for name in FROZEN_IN_STAGE[
+            self.stage
+        ]:  # frozen parts stay deterministic (no EMA codebook)
             getattr(self.tokenizer, name).eval()
         return self
 
@@ -105,10 +114,19 @@ class TokenizerModule(pl.LightningModule):
         opts = self.optimizers()
         opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
 
-        recon, q = self.tokenizer(images)
-        g_loss, logs = self.loss.generator_loss(
-            images, recon, q.loss, step, self.tokenizer.last_layer
+        tok = self.tokenizer
+        latents = tok.pre_quant(images)  # (B, C_q, h, w)
+        q = tok.quantizer(latents)
+        quantized, logs = q.quantized, {}
+        if self.perturbation is not None:  # after the quantizer losses, before the decoder
+            quantized, logs = self.perturbation(
+                tok.quantizer, q, latents, step, self.current_epoch, self.global_rank
+            )
+        recon = tok.decode(quantized)
+        g_loss, g_logs = self.loss.generator_loss(
+            images, recon, q.loss, step, tok.last_layer
         )
+        logs.update(g_logs)
         if not torch.isfinite(g_loss):
             raise FloatingPointError(f"non-finite generator loss at step {step}: {logs}")
         opt_g.zero_grad(set_to_none=True)
@@ -128,7 +146,8 @@ class TokenizerModule(pl.LightningModule):
             logs.update(d_logs)
 
         logs.update({f"quant/{k}": v for k, v in q.stats.items()})
-        self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, prog_bar=False)
+        logs.pop("loss", None)
+        self.log_dict({f"train/{k}": torch.as_tensor(v).float() for k, v in logs.items()})
         self.log("train/loss", g_loss.detach(), prog_bar=True)
 
     def _clip(self, optimizer) -> None:
@@ -169,7 +188,9 @@ class TokenizerModule(pl.LightningModule):
             if hp.lr_schedule == "constant" or total_steps <= hp.warmup_steps:
                 return 1.0
             progress = min(1.0, (step - hp.warmup_steps) / (total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
 
         return factor
 
@@ -207,6 +228,12 @@ class TokenizerModule(pl.LightningModule):
             path = Path(self.trainer.log_dir) / "images" / f"recon_{self.global_step:07d}.png"
             save_grid(self._grid, path)
         self._grid = None
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """What results.json records next to the numbers."""
+        p = self.perturbation
+        return {"stage": self.stage, "perturbation": p.config["init_args"] if p else None}
 
     # --- inference helpers ---------------------------------------------------------------------
     def averaged(self):

@@ -181,6 +181,7 @@ class Encoder(Configurable, nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        self.z_channels = z_channels
         self.conv_in = nn.Conv2d(in_channels, channels * channel_mult[0], 3, padding=1)
         levels = []
         in_ch = channels * channel_mult[0]
@@ -188,7 +189,8 @@ class Encoder(Configurable, nn.Module):
             out_ch = channels * mult
             level = nn.Module()
             level.blocks = nn.ModuleList(
-                ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout) for j in range(num_res_blocks)
+                ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout)
+                for j in range(num_res_blocks)
             )
             level.down = Downsample(out_ch) if i < len(channel_mult) - 1 else nn.Identity()
             levels.append(level)

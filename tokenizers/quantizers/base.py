@@ -73,8 +73,10 @@ class Quantizer(Configurable, nn.Module):
     ) -> Tensor:
         """Replace codes by nearby valid codes (RobusTok latent perturbation).
 
-        ``latents`` is the pre-quantization encoder output where the rule needs it (VQ picks
-        among the nearest codebook entries of the encoder output). Strength 0 is the identity.
+        ``latents`` is the tensor that was given to ``forward`` (B, in_channels, *S), used where
+        the rule needs it (VQ picks among the nearest codebook entries of the encoder output, bit
+        and FSQ codes move their least-confident positions first). Same code layout in and out,
+        always valid codes; strength 0 is the identity; ``generator`` makes it reproducible.
         """
         raise NotImplementedError(f"{type(self).__name__} has no discrete codes to perturb")
 
@@ -97,7 +99,7 @@ class Quantizer(Configurable, nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers
+# Shared utilities
 
 
 def rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
@@ -131,7 +133,7 @@ def bit_balance(bits: Tensor) -> Tensor:
 
 
 def strength_to_alpha_delta(strength: float, max_delta: int) -> tuple[float, int]:
-    """RobusTok's annealed pair from one number: alpha = strength, delta = int(strength * 100).
+    """RobusTok's annealed pair: alpha = strength, delta = int(strength * max_delta).
 
     ``strength`` plays the role of RobusTok's ratio (1 at the start of training, 0.5 at the end
     of their schedule). Any strength > 0 keeps delta >= 2 so that it always perturbs something.

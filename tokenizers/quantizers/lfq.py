@@ -196,9 +196,7 @@ class LFQ(Quantizer):
         bits of each token from least to most confident.
         """
         alpha, delta = strength_to_alpha_delta(strength, self.perturb_max_delta)
-        return self.perturb_bits(
-            codes, alpha, num_positions(delta, self.bits), generator, latents
-        )
+        return self.perturb_bits(codes, alpha, num_positions(delta, self.bits), generator, latents)
 
     @torch.no_grad()
     def perturb_bits(

@@ -1,0 +1,213 @@
+"""Pack a folder of images into WebDataset tar shards.
+
+    python -m vistok.data.make_shards SRC OUT [--shard-size 1000] [--prefix train] [--classes]
+
+SRC is searched recursively. With ``--classes`` every immediate subfolder of SRC is a class
+(ImageNet layout), the label is the folder's index in sorted order (or in ``--class-list``, to give
+a validation split the training split's indices), and the class list is written beside the shards
+as ``classes.txt`` and ``classes.json``.
+
+Each sample stores the file's original encoded bytes untouched, under the suffix of the format PIL
+detects (``jpg``, ``png``, ``webp`` ...: the file name's extension can lie), plus ``cls`` when
+labelled. Keys come from the relative path, so they are unique and stable across runs. Every file
+is fully decoded once to check it; unreadable files are skipped and listed at the end. The last
+line printed is the shard pattern to pass as ``--data.train_shards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+_FORMAT_SUFFIX = {
+    "JPEG": "jpg",
+    "MPO": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+    "PPM": "ppm",
+}
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str | os.PathLike,
+    prefix: str = "train",
+    shard_size: int = 1000,
+) -> list[str]:
+    """Write ``{"__key__": str, <suffix>: bytes | str | int, ...}`` dicts into
+    ``{prefix}-000000.tar`` ... and return the shard paths.
+
+    Byte-for-byte deterministic (fixed mtime/owner, members in sample order); each shard is
+    written under a temporary name and renamed when complete, so readers never see half a shard.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[str] = []
+    tar, count, tmp = None, 0, None
+    try:
+        for sample in samples:
+            if tar is None:
+                path = out / f"{prefix}-{len(paths):06d}.tar"
+                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+                tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
+                paths.append(str(path))
+            key = sample["__key__"]
+            for suffix, value in sample.items():
+                if suffix.startswith("__"):
+                    continue
+                data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+            count += 1
+            if count == shard_size:
+                tar.close()
+                os.replace(tmp, paths[-1])
+                tar, count = None, 0
+    finally:
+        if tar is not None:
+            tar.close()
+            os.replace(tmp, paths[-1])
+    return paths
+
+
+def shard_pattern(paths: list[str]) -> str:
+    """``out/train-{000000..000009}.tar`` for consecutive shards (the plain path for one)."""
+    if len(paths) == 1:
+        return paths[0]
+    first, last = Path(paths[0]), Path(paths[-1])
+    prefix, lo = first.stem.rsplit("-", 1)
+    hi = last.stem.rsplit("-", 1)[1]
+    return str(first.with_name(f"{prefix}-{{{lo}..{hi}}}.tar"))
+
+
+def make_key(rel_path: str, seen: set[str]) -> str:
+    """Relative path -> a tar-safe key without dots (webdataset splits keys at the first dot)."""
+    key = re.sub(r"[^\w-]", "_", rel_path.replace(os.sep, "__")).lstrip("_") or "img"
+    base, n = key, 1
+    while key in seen:  # only when two paths sanitise alike
+        key, n = f"{base}_{n}", n + 1
+    seen.add(key)
+    return key
+
+
+def check_image(path: str) -> tuple[bytes, str] | None:
+    """The file's bytes and format suffix if PIL can fully decode it, else None."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            if fmt == "JPEG":
+                img.draft(img.mode, (64, 64))  # still reads the whole stream; much faster
+            img.load()
+        return data, _FORMAT_SUFFIX.get(fmt, (fmt or "bin").lower())
+    except Exception:
+        return None
+
+
+def list_images(src: str | os.PathLike, classes: list[str] | None = None) -> list[tuple[str, int]]:
+    """Sorted (path, label) pairs; label -1 without classes."""
+    root = Path(src)
+    if classes is None:
+        dirs = [(root, -1)]
+    else:
+        dirs = [(root / name, label) for label, name in enumerate(classes)]
+    items = []
+    for folder, label in dirs:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((str(path), label))
+    return items
+
+
+def folder_samples(
+    items: list[tuple[str, int]],
+    root: str | os.PathLike,
+    bad: list[str],
+    workers: int = 0,
+    progress: tqdm | None = None,
+) -> Iterator[dict]:
+    """Checked samples in ``items`` order; unreadable paths are appended to ``bad``."""
+    paths = [p for p, _ in items]
+    if workers > 0:
+        with Pool(workers) as pool:
+            checked = pool.imap(check_image, paths, chunksize=16)
+            yield from _samples(items, root, bad, checked, progress)
+    else:
+        yield from _samples(items, root, bad, map(check_image, paths), progress)
+
+
+def _samples(items, root, bad, checked, progress):
+    seen: set[str] = set()
+    for (path, label), result in zip(items, checked):
+        if progress is not None:
+            progress.update(1)
+        if result is None:
+            bad.append(path)
+            continue
+        data, suffix = result
+        sample = {"__key__": make_key(os.path.relpath(path, root), seen), suffix: data}
+        if label >= 0:
+            sample["cls"] = label
+        yield sample
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="folder of images (searched recursively)")
+    parser.add_argument("out", help="output folder for the shards")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--prefix", default="train", help="shard name prefix, e.g. train / val")
+    parser.add_argument("--classes", action="store_true", help="subfolders of SRC are classes")
+    parser.add_argument("--class-list", help="classes.txt to take class indices from")
+    parser.add_argument("--workers", type=int, default=0, help="processes decoding to check")
+    args = parser.parse_args(argv)
+
+    classes = None
+    if args.class_list:
+        classes = Path(args.class_list).read_text().split()
+    elif args.classes:
+        classes = sorted(p.name for p in Path(args.src).iterdir() if p.is_dir())
+    items = list_images(args.src, classes)
+    if not items:
+        parser.error(f"no image files under {args.src}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if classes is not None:
+        (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+        (out / "classes.json").write_text(json.dumps(classes, indent=0) + "\n")
+
+    bad: list[str] = []
+    with tqdm(total=len(items), unit="img", desc=f"{args.prefix} shards") as progress:
+        samples = folder_samples(items, args.src, bad, args.workers, progress)
+        paths = write_shards(samples, out, args.prefix, args.shard_size)
+    print(f"{len(items) - len(bad)} images in {len(paths)} shards under {out}")
+    if bad:
+        print(f"{len(bad)} unreadable files skipped:")
+        for path in bad:
+            print(f"  {path}")
+    if paths:
+        flag = "val_shards" if args.prefix.startswith("val") else "train_shards"
+        print(f"pass with --data.{flag}:")
+        print(shard_pattern(paths))
+    return paths
+
+
+if __name__ == "__main__":
+    main()
