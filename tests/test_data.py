@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import tarfile
 import warnings
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from vistok.data import make_shards
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.image_decode import ImageDecoder
@@ -20,6 +22,11 @@ from vistok.data.make_shards import shard_pattern, write_shards
 from vistok.data.stream import DataQualityError, partition_shards
 
 RES = 32
+
+
+def epoch(loader, limit: int = 500) -> list[dict]:
+    """One pass of a loader, bounded so that a broken epoch length fails instead of hanging."""
+    return list(itertools.islice(loader, limit))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -192,7 +199,7 @@ def test_training_counts_exact_over_one_pass(bad_shards, workers):
     # batch 1 and no shuffle: one pass over both shards is exactly len(good) batches
     dm = bad_module(spec, num_workers=workers, batch_size=1, batches_per_epoch=len(good))
     keys = []
-    for batch in dm.train_dataloader():
+    for batch in epoch(dm.train_dataloader()):
         check_batch(batch)
         keys += batch["key"]
     assert sorted(keys) == sorted(good)
@@ -208,8 +215,7 @@ def test_bad_fraction_error(bad_shards, split):
     dm = bad_module(spec, max_bad_fraction=0.05, bad_fraction_min_samples=8, batches_per_epoch=20)
     loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
     with pytest.raises(DataQualityError) as info:
-        for _ in loader:
-            pass
+        epoch(loader)
     msg = str(info.value)
     assert "max_bad_fraction=0.05" in msg and "--data.max_bad_fraction" in msg
     assert "corrupt=" in msg and "too_large=" in msg
@@ -238,7 +244,7 @@ def test_unreadable_shards_warn_and_continue(tmp_path, bad_shards):
     dm = bad_module(full, num_workers=2, batches_per_epoch=12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert sum(1 for _ in dm.train_dataloader()) == 12
+        assert len(epoch(dm.train_dataloader())) == 12
     assert dm.train_stats.skipped["unreadable_shard"] >= 2
 
 
@@ -297,7 +303,7 @@ def test_training_ranks_and_workers_read_disjoint_shards(tmp_path):
             batches_per_epoch=10,
             shuffle_buffer=4,
         )
-        batches = list(dm.train_dataloader(rank=rank, world_size=2))
+        batches = epoch(dm.train_dataloader(rank=rank, world_size=2))
         assert len(batches) == 10
         # IterableDataset workers deliver batches round-robin: batch i came from worker i % 2
         for i, batch in enumerate(batches):
@@ -323,7 +329,7 @@ def test_training_same_batch_count_on_uneven_ranks(tmp_path):
             )
             loader = dm.train_dataloader(rank=rank, world_size=2)
             for _ in range(2):  # two epochs
-                sizes = [len(b["key"]) for b in loader]
+                sizes = [len(b["key"]) for b in epoch(loader)]
                 assert sizes == [3] * 7
 
 
@@ -341,7 +347,7 @@ def test_training_seeded_by_seed_rank_epoch(tmp_path):
             seed=seed,
         )
         loader = dm.train_dataloader(rank=rank, world_size=2)
-        return [[k for b in loader for k in b["key"]] for _ in range(2)]
+        return [[k for b in epoch(loader) for k in b["key"]] for _ in range(2)]
 
     a, b = first_epochs(0, 0), first_epochs(0, 0)
     assert a == b  # reproducible

@@ -9,6 +9,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
+
 from vistok.data.datamodule import ImageDataModule, SkipCountLogger
 from vistok.data.make_shards import write_shards
 

@@ -82,7 +82,9 @@ def test_converted_weights_match_torchscript(tmp_path, monkeypatch):
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert torch.isnan(state["fc.weight"]).all()  # the classifier is not shipped
     net = NoTrainInceptionV3("inception-v3-compat", ["2048"], path, antialias=False)
-    scripted = torch.jit.load(str(inception._source_path()), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+        scripted = torch.jit.load(str(inception._source_path()), map_location="cpu").eval()
 
     # Both at 299 px so torch-fidelity's resize is the identity; the TorchScript expects the
     # (x - 128) / 128 scaling that torch-fidelity applies internally to uint8 input.
@@ -109,30 +111,30 @@ def test_missing_weights_error_names_pip(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- FID values
 def test_identical_is_zero_and_noise_increases_fid(tmp_path):
     fid = FID(feature=768, stats_dir=tmp_path)
-    real = crops(10)
+    real = crops(8)
     fid.update(real, real=True)
     values = []
     for sigma in (0.0, 0.1, 0.2, 0.4):
         fid.reset_fake()
         fid.update(noisy(real, sigma), real=False)
         values.append(fid.compute())
-    assert int(fid.real_features_num_samples) == 10  # reset_fake kept the reference
+    assert int(fid.real_features_num_samples) == 8  # reset_fake kept the reference
     assert abs(values[0]) < 1e-2, values
     assert values[1] > 1 and all(a < b for a, b in zip(values, values[1:])), values
 
 
 def test_torch_and_torchmetrics_match_numpy_reference(tmp_path):
-    # 64-d features and 80 images per set: both covariances are full rank, so sqrtm is well
+    # 64-d features and 72 images per set: both covariances are full rank, so sqrtm is well
     # defined and the three computations should agree closely.
     fid = FID(feature=64, stats_dir=tmp_path)
     feats = {True: [], False: []}
     current = [True]
     fid.inception.register_forward_hook(lambda m, i, o: feats[current[0]].append(o.double()))
-    for real, images in ((True, crops(80, size=32, seed=0)), (False, crops(80, size=32, seed=7))):
+    for real, images in ((True, crops(72, size=32, seed=0)), (False, crops(72, size=32, seed=7))):
         current[0] = real
-        for batch in images.split(40):
+        for batch in images.split(36):
             fid.update(batch if real else noisy(batch, 0.1), real=real)
-    fr, ff = torch.cat(feats[True]).numpy(), torch.cat(feats[False]).numpy()  # (80, 64) each
+    fr, ff = torch.cat(feats[True]).numpy(), torch.cat(feats[False]).numpy()  # (72, 64) each
     assert np.linalg.eigvalsh(np.cov(fr, rowvar=False)).min() > 0
     assert np.linalg.eigvalsh(np.cov(ff, rowvar=False)).min() > 0
 
@@ -144,7 +146,7 @@ def test_torch_and_torchmetrics_match_numpy_reference(tmp_path):
     assert ref > 1
     assert ours == pytest.approx(ref, rel=1e-3)
     assert stock == pytest.approx(ref, rel=1e-3)
-    mu, cov = mean_cov(fid.real_features_sum, fid.real_features_cov_sum, 80)
+    mu, cov = mean_cov(fid.real_features_sum, fid.real_features_cov_sum, 72)
     np.testing.assert_allclose(cov.numpy(), np.cov(fr, rowvar=False), rtol=1e-6, atol=1e-9)
 
 
@@ -196,14 +198,14 @@ def test_metric_reports_sqrt_error(tmp_path):
 
 # ----------------------------------------------------------------------------- caching
 def test_cached_reference_is_not_recomputed(tmp_path):
-    real, fake = crops(8, seed=0), noisy(crops(8, seed=5), 0.05)
+    real, fake = crops(8, seed=0), noisy(crops(6, seed=5), 0.05)
     first = FID(stats_dir=tmp_path)  # the standard 2048-d FID
     calls = count_calls(first.inception)
     with pytest.raises(ValueError, match="key says 9"):
-        first.load_or_compute_real("photos", real.split(4), resolution=64, count=9)
+        first.load_or_compute_real("photos", [real[:4]], resolution=64, count=9)
     assert not list(tmp_path.iterdir())  # a wrong count writes nothing
     hit = first.load_or_compute_real("photos", lambda: real.split(4), resolution=64, count=8)
-    assert not hit and calls[0] == 4  # 2 batches above + 2 here
+    assert not hit and calls[0] == 3  # 1 batch above + 2 here
     first.update(fake, real=False)
     v1 = first.compute()
 
@@ -230,7 +232,7 @@ def test_cached_reference_is_not_recomputed(tmp_path):
 
 
 # ----------------------------------------------------------------------------- DDP
-DDP_FEATURE = 768
+DDP_FEATURE = 192  # the sync is the same for every size; 192 stops early
 
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
@@ -254,10 +256,12 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
         usage.update(codes[mine])
         balance.update(bits[mine])
         u, b = usage.compute(), balance.compute()
+        with usage.sync_context():  # compute() hands back the local counts afterwards
+            counts = usage.counts.tolist()
         out = {
             "hit": hit, "hit2": hit2, "calls2": calls[0], "first": first, "second": second,
             "usage": float(u["usage"]), "perplexity": float(u["perplexity"]),
-            "ones": b["ones_fraction"].tolist(), "counts": usage.counts.tolist(),
+            "ones": b["ones_fraction"].tolist(), "counts": counts,
         }  # fmt: skip
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump(out, f)

@@ -35,12 +35,17 @@ class LatentPerturbation(Configurable, nn.Module):
     ):
         super().__init__()
         if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta (fraction of each batch perturbed) must be in [0, 1], got {beta}")
+            raise ValueError(
+                f"beta (fraction of each batch perturbed) must be in [0, 1], got {beta}"
+            )
         if anneal_end < anneal_start:
             raise ValueError("anneal_end must not come before anneal_start")
         self.beta, self.start_ratio, self.end_ratio = beta, start_ratio, end_ratio
         self.anneal_start, self.anneal_end, self.unit, self.seed = (
-            anneal_start, anneal_end, unit, seed
+            anneal_start,
+            anneal_end,
+            unit,
+            seed,
         )
 
     def strength(self, step: int, epoch: int) -> float:

@@ -123,9 +123,7 @@ class TokenizerModule(pl.LightningModule):
                 tok.quantizer, q, latents, step, self.current_epoch, self.global_rank
             )
         recon = tok.decode(quantized)
-        g_loss, g_logs = self.loss.generator_loss(
-            images, recon, q.loss, step, tok.last_layer
-        )
+        g_loss, g_logs = self.loss.generator_loss(images, recon, q.loss, step, tok.last_layer)
         logs.update(g_logs)
         if not torch.isfinite(g_loss):
             raise FloatingPointError(f"non-finite generator loss at step {step}: {logs}")
@@ -224,8 +222,10 @@ class TokenizerModule(pl.LightningModule):
             self.ema.swap()
         if self._grid is None or self.trainer.sanity_checking:
             return
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            path = Path(self.trainer.log_dir) / "images" / f"recon_{self.global_step:07d}.png"
+        if self.trainer.is_global_zero:  # (trainer.log_dir would be a collective call)
+            path = (
+                Path(self.trainer.default_root_dir) / "images" / f"recon_{self.global_step:07d}.png"
+            )
             save_grid(self._grid, path)
         self._grid = None
 

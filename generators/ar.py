@@ -1,0 +1,340 @@
+"""Class-conditional autoregressive GPT over the discrete codes of any tokenizer.
+
+LlamaGen (Sun et al. 2024, https://arxiv.org/abs/2406.06525): Llama blocks (RMSNorm, SwiGLU,
+rotary embeddings; 2D RoPE over the code grid), the class label as the first token with an extra
+"null" class trained by 10% label dropout for classifier-free guidance, token dropout on the
+input embeddings, and a static KV cache allocated once for incremental decoding.
+
+The output side depends on the tokenizer's code space (``vistok.generators.heads``): one softmax
+over a codebook, WeTok's factorized sub-token prediction for group-wise codes, or independent
+Bernoulli logits per bit (Instella-T2I's AR prior). Every head gives logits ``(B, N, F, V)``:
+F factors per token (1, the groups, or the bits) over V values each, so the loss and the sampler
+are the same for all of them.
+
+Sequence layout: input ``[class, t_0, ..., t_{N-2}]`` predicts ``[t_0, ..., t_{N-1}]``; the
+class token gets no rotation and input position i >= 1 the rotation of code i-1's grid position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vistok.common.configurable import Configurable
+from vistok.generators.heads import make_head
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (bf16 squares lose too much), cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_angles(token_shape: tuple[int, ...], head_dim: int, base: float = 10000.0) -> Tensor:
+    """Rotation angles (1 + N, head_dim / 2): row 0 (class token) is zero.
+
+    2D grids rotate the first half of each head's pairs by the row index and the second half by
+    the column index (LlamaGen's 2D RoPE); 1D sequences rotate all pairs by the position.
+    """
+    if len(token_shape) == 2:
+        if head_dim % 4:
+            raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
+        quarter = head_dim // 4
+        freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (Dh/4,)
+        h, w = token_shape
+        rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)  # (N,)
+        cols = torch.arange(w, dtype=torch.float64).repeat(h)  # (N,)
+        angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # (N, Dh/2)
+    elif len(token_shape) == 1:
+        half = head_dim // 2
+        freqs = base ** (-torch.arange(half, dtype=torch.float64) / half)  # (Dh/2,)
+        angles = (torch.arange(token_shape[0], dtype=torch.float64) + 1)[:, None] * freqs
+    else:
+        raise ValueError(f"token_shape must have 1 or 2 dims, got {token_shape}")
+    return torch.cat([angles.new_zeros(1, angles.shape[1]), angles]).float()  # (1 + N, Dh/2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x (B, H, T, Dh) by angles given as cos/sin (T, Dh/2)."""
+    pairs = rearrange(x.float(), "b h t (d two) -> b h t d two", two=2)
+    x0, x1 = pairs.unbind(-1)  # (B, H, T, Dh/2) each
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rearrange(out, "b h t d two -> b h t (d two)").to(x.dtype)
+
+
+class KVCache:
+    """Static key/value storage for one attention layer: allocated once, written in place.
+
+    Not a buffer on purpose: it is scratch space for sampling, kept out of state dicts.
+    """
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
+        shape = (batch, heads, length, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def fits(self, batch: int, length: int, dtype, device) -> bool:
+        b, _, n, _ = self.k.shape
+        same_place = self.k.dtype == dtype and self.k.device == torch.device(device)
+        return same_place and batch <= b and length <= n
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Write (B, H, T, Dh) at positions [start, start + T); return everything up to there."""
+        b, _, t, _ = k.shape
+        self.k[:b, :, start : start + t] = k
+        self.v[:b, :, start : start + t] = v
+        return self.k[:b, :, : start + t], self.v[:b, :, : start + t]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.attn_dropout, self.resid_dropout = dropout, nn.Dropout(dropout)
+        self.cache: KVCache | None = None
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, start: int | None = None
+    ) -> Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout = self.attn_dropout if self.training else 0.0
+        if start is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
+        else:
+            if self.cache is None:
+                raise RuntimeError("call setup_cache() before decoding with start=")
+            t = q.shape[2]
+            k, v = self.cache.update(k, v, start)  # (B, H, start + T, Dh)
+            mask = None
+            if t > 1:  # several new tokens at once: causal among them, all of the past visible
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = rearrange(out, "b h t d -> b t (h d)")
+        return self.resid_dropout(self.proj(out))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+def ffn_hidden(dim: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4 * dim (same FLOPs as a GELU MLP), rounded up."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = True,
+                 multiple_of: int = 256):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, heads, dropout, causal)
+        self.ffn = SwiGLU(dim, ffn_hidden(dim, multiple_of), dropout)
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, start: int | None = None
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """LlamaGen's initialisation: every linear and embedding weight ~ N(0, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main module
+
+
+class GPT(Configurable, nn.Module):
+    """Decoder-only transformer over a tokenizer's code map.
+
+    Args:
+        code_space: the tokenizer's ``CodeSpace.to_dict()`` (kind index, groups or bits).
+        token_shape: the code map's spatial shape, ``[h, w]`` (2D RoPE) or ``[n]`` (1D RoPE).
+        num_classes: class labels; label ``num_classes`` is the null class (CFG). 0 = unconditional.
+        preset: a name in ``GPT_PRESETS``; ``depth``/``dim``/``heads``/``head_layers`` override it.
+        head_layers: transformer layers of the factorized sub-token head (group codes only).
+        dropout: residual/attention/FFN dropout; ``token_dropout`` on the input embeddings;
+        label_dropout: probability of replacing the label by the null class in training.
+    """
+
+    def __init__(
+        self,
+        code_space: dict,
+        token_shape: list[int],
+        num_classes: int = 1000,
+        preset: str = "B",
+        depth: int | None = None,
+        dim: int | None = None,
+        heads: int | None = None,
+        head_layers: int | None = None,
+        dropout: float = 0.1,
+        token_dropout: float = 0.1,
+        label_dropout: float = 0.1,
+        multiple_of: int = 256,
+        rope_base: float = 10000.0,
+    ):
+        super().__init__()
+        if preset not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {preset!r}; choose one of {sorted(GPT_PRESETS)}")
+        given = dict(depth=depth, dim=dim, heads=heads, head_layers=head_layers)
+        cfg = {**GPT_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+        self.depth, self.dim, self.heads = cfg["depth"], cfg["dim"], cfg["heads"]
+        self.token_shape = tuple(int(s) for s in token_shape)
+        self.num_tokens = math.prod(self.token_shape)
+        self.num_classes, self.label_dropout = num_classes, label_dropout
+        self.kind = code_space["kind"]
+
+        # One row per class plus the null class (the last row).
+        self.class_embed = nn.Embedding(num_classes + 1, self.dim)
+        self.head = make_head(code_space, self.dim, cfg["head_layers"], self.heads, multiple_of)
+        self.token_dropout = nn.Dropout(token_dropout)
+        self.blocks = nn.ModuleList(
+            Block(self.dim, self.heads, dropout, True, multiple_of) for _ in range(self.depth)
+        )
+        self.norm = RMSNorm(self.dim)
+        angles = rope_angles(self.token_shape, self.dim // self.heads, rope_base)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)  # (1 + N, Dh/2)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        init_weights(self)
+        self.head.reset_output()
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def factors(self) -> int:
+        return self.head.factors
+
+    # --- code layout ---------------------------------------------------------------------------
+    def to_sequence(self, codes: Tensor) -> Tensor:
+        """Tokenizer layout (B, *token_shape[, F]) -> (B, N, F)."""
+        if self.kind == "index":
+            return rearrange(codes, "b ... -> b (...) 1")
+        return rearrange(codes, "b ... f -> b (...) f")
+
+    def from_sequence(self, seq: Tensor) -> Tensor:
+        """(B, N, F) -> the tokenizer's layout."""
+        if self.kind == "index":
+            return seq.reshape(seq.shape[0], *self.token_shape)
+        return seq.reshape(seq.shape[0], *self.token_shape, seq.shape[-1])
+
+    # --- embeddings ---------------------------------------------------------------------------
+    def class_tokens(self, labels: Tensor | None, batch: int, device=None) -> Tensor:
+        """(B, 1, D). Labels < 0 (or None) mean unconditional: the null class."""
+        if labels is None:
+            labels = torch.full((batch,), -1, dtype=torch.long, device=device)
+        labels = torch.where(labels < 0, torch.full_like(labels, self.null_class), labels)
+        if self.training and self.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.class_embed(labels)[:, None]
+
+    def input_sequence(self, seq: Tensor, labels: Tensor | None) -> Tensor:
+        """Codes (B, T, F) -> transformer input [class, embed(codes)] (B, 1 + T, D)."""
+        cls = self.class_tokens(labels, seq.shape[0], seq.device)
+        tokens = self.token_dropout(self.head.embed(seq))  # (B, T, D)
+        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+
+    # --- transformer --------------------------------------------------------------------------
+    def hidden(self, x: Tensor, start: int | None = None) -> Tensor:
+        """Inputs (B, T, D) at positions [start, start + T) -> normed hidden states (B, T, D).
+
+        ``start=None``: a full causal pass from position 0, no cache. An int: incremental
+        decoding through the static cache (``setup_cache`` first).
+        """
+        s = 0 if start is None else start
+        t = x.shape[1]
+        if s + t > self.num_tokens:
+            raise ValueError(f"positions up to {s + t} exceed the sequence length {self.num_tokens}")
+        rope = (self.rope_cos[s : s + t], self.rope_sin[s : s + t])
+        for block in self.blocks:
+            x = block(x, rope, start)
+        return self.norm(x)
+
+    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, N, F, V) for codes in the tokenizer's layout."""
+        seq = self.to_sequence(codes)  # (B, N, F)
+        h = self.hidden(self.input_sequence(seq[:, :-1], labels))  # (B, N, D)
+        return self.head.logits(h, seq)
+
+    def loss(self, codes: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean cross-entropy per factor, plus NLL per token (nats) and accuracy for logging."""
+        seq = self.to_sequence(codes)  # (B, N, F)
+        logits = self(codes, labels).float()  # (B, N, F, V)
+        ce = F.cross_entropy(rearrange(logits, "b n f v -> b v n f"), seq, reduction="none")
+        with torch.no_grad():
+            stats = {
+                "nll_per_token": ce.sum(-1).mean(),
+                "accuracy": (logits.argmax(-1) == seq).float().mean(),
+            }
+        return ce.mean(), stats
+
+    # --- incremental decoding -------------------------------------------------------------------
+    def setup_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Allocate every layer's KV cache for ``batch`` sequences, unless it already fits."""
+        dtype = dtype or self.norm.weight.dtype
+        device = device or self.norm.weight.device
+        head_dim = self.dim // self.heads
+        for block in self.blocks:
+            attn = block.attn
+            if attn.cache is None or not attn.cache.fits(batch, self.num_tokens, dtype, device):
+                attn.cache = KVCache(batch, self.heads, self.num_tokens, head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: LlamaGen's GPT-B/L/XL/XXL (111M / 343M / 775M / 1.4B with a 16384 codebook), plus
+# small sizes for CPU runs and tests.
+
+GPT_PRESETS: dict[str, dict] = {
+    "tiny": dict(depth=2, dim=64, heads=4, head_layers=1),
+    "S": dict(depth=6, dim=256, heads=4, head_layers=1),
+    "B": dict(depth=12, dim=768, heads=12, head_layers=2),
+    "L": dict(depth=24, dim=1024, heads=16, head_layers=2),
+    "XL": dict(depth=36, dim=1280, heads=20, head_layers=2),
+    "XXL": dict(depth=48, dim=1536, heads=24, head_layers=2),
+}

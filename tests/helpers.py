@@ -1,0 +1,51 @@
+"""Shared test helpers: tiny presets, real photo crops, running the real CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Stacked after presets/cpu_small.yaml: the smallest nets that still exercise every code path.
+TINY = [
+    "--model.init_args.tokenizer.init_args.channels=16",
+    "--model.init_args.tokenizer.init_args.num_mid_blocks=1",
+    "--data.init_args.resolution=32",
+    "--model.init_args.tokenizer.init_args.resolution=32",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.num_workers=0",
+    "--trainer.limit_val_batches=1",
+]
+
+
+def photo_crops(folder: Path, count: int, size: int = 48, seed: int = 0) -> list[Path]:
+    """Random crops of real photos shipped with scikit-image, written as PNG files."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        img = photos[i % len(photos)]
+        y = rng.integers(0, img.shape[0] - size)
+        x = rng.integers(0, img.shape[1] - size)
+        path = folder / f"crop_{i:04d}.png"
+        Image.fromarray(img[y : y + size, x : x + size]).save(path)
+        paths.append(path)
+    return paths
+
+
+def run(args: list[str], cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc

@@ -1,0 +1,86 @@
+"""The same train.py under torchrun: 2 processes on one node, and 2 single-process "nodes"."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, TINY
+
+from vistok.data.default_dataset import num_samples
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(run_dir, devices: int, nodes: int) -> list[str]:
+    return [
+        "train.py",
+        "--config",
+        "tokenizer/wetok.yaml",
+        "--config",
+        "presets/cpu_small.yaml",
+        *TINY,
+        "--data.init_args.num_workers=1",
+        f"--trainer.devices={devices}",
+        f"--trainer.num_nodes={nodes}",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=null",
+        f"--run_dir={run_dir}",
+        "--trainer.callbacks+=vistok.common.audit.DistributedAudit",
+    ]
+
+
+def _check_audits(run_dir, world: int) -> None:
+    audits = [json.loads((run_dir / f"audit_rank{r}.json").read_text()) for r in range(world)]
+    # Same number of steps and batches on every rank, and identical weights after them.
+    assert {a["global_step"] for a in audits} == {3}
+    assert {a["train_batches"] for a in audits} == {3}
+    assert len({round(a["checksum"], 6) for a in audits}) == 1
+    # Training data disjoint across ranks; validation covered exactly once.
+    train = [set(a["train_keys"]) for a in audits]
+    assert not set.intersection(*train)
+    val = [k for a in audits for k in a["val_keys"]]
+    assert len(val) == len(set(val)) == num_samples("val")
+
+
+def _torchrun(args, extra, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *extra, *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_one_node(tmp_path):
+    proc = _torchrun(_train_args(tmp_path, 2, 1), ["--standalone", "--nproc_per_node=2"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-5000:]
+    _check_audits(tmp_path, 2)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tmp_path):
+    port = _free_port()
+    procs = [
+        _torchrun(
+            _train_args(tmp_path, 1, 2),
+            [
+                "--nnodes=2",
+                f"--node_rank={r}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+            ],
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-5000:]
+    _check_audits(tmp_path, 2)
