@@ -1,7 +1,8 @@
 """RobusTok latent perturbation during main training.
 
 RobusTok ("Robust Latent Matters" and "Image Tokenizer Needs Post-Training"): the decoder
-learns to reconstruct from codes a generator might plausibly produce instead of the exact ones. The first ``floor(beta * B)`` images of each per-device batch have their codes
+learns to reconstruct from codes a generator might plausibly produce instead of the exact ones.
+The first ``floor(beta * B)`` images of each per-device batch have their codes
 replaced by nearby valid codes (the quantizer's own ``perturb`` rule) AFTER the quantizer losses
 are computed, so the perturbed latents feed only the reconstruction, perceptual and GAN losses;
 the encoder still gets the straight-through gradient.
