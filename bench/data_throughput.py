@@ -6,15 +6,18 @@ Both read the same shards: ImageNet-like JPEGs (about 500 x 375, quality 90) cut
 default-dataset photos, built once into a temporary folder (or ``--shards`` to use your own). The
 bare loop reads the tar members and does decode -> RGB -> shorter-side resize + random crop ->
 flip -> float in one process, with nothing else; the loader adds webdataset's sample grouping,
-shuffling, skip accounting, batching and worker IPC. Printed: both rates, and the loader with 0 workers (same
-single process as the bare loop: the ratio is the pipeline's overhead) and with ``--workers``.
+shuffling, skip accounting, batching and worker IPC. Printed for the bare loop and for the
+loader with 0 and ``--workers`` workers: images per wall-clock second, and CPU milliseconds per
+image summed over all processes (the figure that stays meaningful on a shared, loaded machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
+import resource
 import tarfile
 import tempfile
 import time
@@ -47,11 +50,10 @@ def build_bench_shards(out: str, count: int, seed: int = 0) -> str:
     return shard_pattern(write_shards(samples(), out, "bench", shard_size=count // 8))
 
 
-def bare_loop(urls: list[str], resolution: int, limit: int) -> float:
-    """Images/s of the minimal per-image work in one process: read the tar, decode, crop."""
+def bare_loop(urls: list[str], resolution: int, limit: int) -> int:
+    """The minimal per-image work in one process: read the tar, decode, crop, flip, to float."""
     rng = random.Random(0)
     n = 0
-    start = time.perf_counter()
     while n < limit:
         for url in urls:
             with tarfile.open(url) as tar:
@@ -71,24 +73,34 @@ def bare_loop(urls: list[str], resolution: int, limit: int) -> float:
                     chw = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
                     chw.float().div_(127.5).sub_(1)  # (3, R, R) in [-1, 1]
                     n += 1
-    return n / (time.perf_counter() - start)
+    return n
 
 
-def loader_rate(spec: str, resolution: int, batch: int, batches: int, workers: int) -> float:
-    """Images/s of the training loader, from the first batch on (worker start-up excluded)."""
+def loader_images(spec: str, resolution: int, batch: int, batches: int, workers: int) -> int:
+    """Images delivered by one training epoch of the DataModule (worker start-up included)."""
     dm = ImageDataModule(
         train_shards=spec,
         resolution=resolution,
         batch_size=batch,
         num_workers=workers,
-        batches_per_epoch=batches + 1,
+        batches_per_epoch=batches,
         shuffle_buffer=256,
     )
-    it = iter(dm.train_dataloader())
-    next(it)
-    start = time.perf_counter()
-    n = sum(len(b["key"]) for b in it)
-    return n / (time.perf_counter() - start)
+    return sum(len(b["key"]) for b in dm.train_dataloader())
+
+
+def cpu_seconds() -> float:
+    # Children count once they have exited: DataLoader workers are joined at the end of an epoch.
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def measure(fn, *args) -> tuple[float, float]:
+    """(images per wall second, CPU milliseconds per image, all processes)."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    n = fn(*args)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    return n / wall, 1000 * cpu / n
 
 
 def main():
@@ -104,22 +116,31 @@ def main():
     torch.set_num_threads(1)
 
     images = args.batch_size * args.batches
-    rates = {"bare": [], "single": [], "multi": []}
+    runs = {
+        "bare PIL loop (1 process)": [],
+        "DataModule, 0 workers": [],
+        f"DataModule, {args.workers} workers": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.shards or build_bench_shards(tmp, args.count)
+        urls = expand_shards(spec)
         # Interleaved rounds, median of each: the machine's load drifts between runs.
         for _ in range(args.rounds):
-            rates["bare"].append(bare_loop(expand_shards(spec), args.resolution, images))
-            for name, workers in (("single", 0), ("multi", args.workers)):
-                rate = loader_rate(spec, args.resolution, args.batch_size, args.batches, workers)
-                rates[name].append(rate)
-    bare, single, multi = (float(np.median(rates[k])) for k in ("bare", "single", "multi"))
-    print(f"resolution {args.resolution}, batch {args.batch_size}, {images} images per run, "
-          f"median of {args.rounds} rounds")
-    print(f"{'bare PIL loop (1 process)':<32}{bare:8.1f} img/s")
-    print(f"{'DataModule, 0 workers':<32}{single:8.1f} img/s  {single / bare:6.2f} x bare")
-    label = f"DataModule, {args.workers} workers"
-    print(f"{label:<32}{multi:8.1f} img/s  {multi / bare:6.2f} x bare")
+            bare, single, multi = runs.values()
+            bare.append(measure(bare_loop, urls, args.resolution, images))
+            base = (spec, args.resolution, args.batch_size, args.batches)
+            single.append(measure(loader_images, *base, 0))
+            multi.append(measure(loader_images, *base, args.workers))
+    print(
+        f"resolution {args.resolution}, batch {args.batch_size}, {images} images per run, "
+        f"median of {args.rounds} rounds; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'':<32}{'img/s':>8}{'x bare':>8}{'CPU ms/img':>12}{'x bare':>8}")
+    ref_rate, ref_cpu = None, None
+    for name, values in runs.items():
+        rate, cpu = (float(np.median([v[i] for v in values])) for i in (0, 1))
+        ref_rate, ref_cpu = ref_rate or rate, ref_cpu or cpu
+        print(f"{name:<32}{rate:8.1f}{rate / ref_rate:8.2f}{cpu:12.2f}{ref_cpu / cpu:8.2f}")
 
 
 if __name__ == "__main__":

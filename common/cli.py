@@ -7,7 +7,8 @@
 - ``--run_dir``: the run folder (default ``runs/<name of the first config>``). It receives
   ``config.yaml`` (the resolved config), ``checkpoints/``, TensorBoard events, ``metrics.csv``,
   ``images/`` (PNG grids) and ``results.json``.
-- ``--ckpt_path last`` resumes from the newest checkpoint of the run folder.
+- ``--ckpt_path last`` resumes from the newest checkpoint of the run folder; with ``--evaluate``
+  the checkpoint is validated (every metric callback runs, results.json records it) instead.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ class VistokCLI(LightningCLI):
         parser.add_argument(
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume, or 'last'"
         )
+        parser.add_argument(
+            "--evaluate",
+            type=bool,
+            default=False,
+            help="validate the checkpoint given by --ckpt_path (every metric callback runs) "
+            "instead of training",
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -153,5 +161,10 @@ class VistokCLI(LightningCLI):
 def main(args: list[str] | None = None) -> VistokCLI:
     cli = VistokCLI(args)
     cli.save_config()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    if cli.config.evaluate:
+        if not cli.config.ckpt_path:
+            raise SystemExit("error: --evaluate needs the checkpoint to evaluate: --ckpt_path X")
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    else:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     return cli

@@ -40,16 +40,22 @@ class ResultsJSON(pl.Callback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
-    def protocol(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def _protocol(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         data = trainer.datamodule
         return {
             "split": "val",
-            "val_shards": getattr(data, "val_shards", None),
+            "val_shards": getattr(data, "val_shards", None) or "embedded default dataset",
             "resolution": getattr(data, "resolution", None),
             "weights": "ema" if getattr(pl_module, "ema", None) is not None else "raw",
             "seed": torch.initial_seed(),
             "code_version": code_version(),
             **getattr(pl_module, "protocol", {}),
+            # Metric callbacks describe what they measured (images, reference set, seeds...).
+            **{
+                k: v
+                for c in trainer.callbacks
+                for k, v in (getattr(c, "protocol", None) or {}).items()
+            },
         }
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -58,8 +64,9 @@ class ResultsJSON(pl.Callback):
         metrics = {k: _plain(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
         entry = {
             "step": trainer.global_step,
+            "run": trainer.state.fn.value,  # "fit" or "validate" (--evaluate)
             "metrics": metrics,
-            "protocol": self.protocol(trainer, pl_module),
+            "protocol": self._protocol(trainer, pl_module),
         }
         history = json.loads(self.path.read_text()) if self.path.exists() else []
         history.append(entry)

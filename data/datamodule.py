@@ -31,13 +31,14 @@ least ranks x workers of them (else disjoint per rank, else all), cycles over it
 freshly shuffled order each pass, and the loader cuts ``batches_per_epoch`` batches per epoch, so
 every rank steps the same number of times (uneven counts hang DDP). Validation: read once, in
 order; each sample goes to exactly one rank (no padding, no duplicates), so ranks may differ by a
-batch: avoid per-step collectives (``sync_dist=True``) in validation_step.
+batch: avoid per-step collectives (``sync_dist=True``) in validation_step. Every rank reads all
+validation shards but decodes only its own samples.
 
 Bad data never stops training: samples are skipped and counted by reason (``missing_image``,
 ``empty``, ``corrupt``, ``too_small``, ``too_large``; shards that cannot be read are named in a
 warning and counted as ``unreadable_shard``). ``SkipCountLogger`` (added to the Trainer by
-``setup``) logs the counts as ``data/skipped_<reason>`` (training, cumulative, this rank) and
-``data/val_skipped_<reason>`` (last validation pass).
+``setup``) logs the counts as ``data/skipped_<reason>`` (training, cumulative, rank 0's share) and
+``data/val_skipped_<reason>`` (last validation pass, summed over ranks).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.bad_fraction_min_samples,
         )
 
-    # -- helpers ----------------------------------------------------------------------------
+    # -- internals --------------------------------------------------------------------------
     def _urls(self, spec: str | None, split: str) -> list[str]:
         if spec is None:
             from vistok.data.default_dataset import default_shards
@@ -182,4 +183,7 @@ class SkipCountLogger(pl.Callback):
         stats = getattr(trainer.datamodule, "val_stats", None)
         if stats is not None and not trainer.sanity_checking:
             counts = {f"data/val_skipped_{r}": float(n) for r, n in stats.as_dict().items()}
-            pl_module.log_dict(counts, on_step=False, on_epoch=True)
+            # Ranks saw disjoint samples: the sum is the whole split's count.
+            pl_module.log_dict(
+                counts, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="sum"
+            )

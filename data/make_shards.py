@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     if classes is not None:
         (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
-        (out / "classes.json").write_text(json.dumps(classes, indent=0) + "\n")
+        (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
     bad: list[str] = []
     with tqdm(total=len(items), unit="img", desc=f"{args.prefix} shards") as progress:
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         paths = write_shards(samples, out, args.prefix, args.shard_size)
     print(f"{len(items) - len(bad)} images in {len(paths)} shards under {out}")
     if bad:
-        print(f"{len(bad)} unreadable files skipped:")
+        print(f"{len(bad)} unreadable file(s) skipped:")
         for path in bad:
             print(f"  {path}")
     if paths:

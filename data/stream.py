@@ -133,10 +133,10 @@ class ShardStream(IterableDataset):
             shards = ({"url": u} for u in self.urls[worker::num_workers])
         files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
         samples = group_by_keys(files, handler=handler)
-        if self.train and self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, 100, rng=rng)
-        else:
+        if not self.train:
             samples = self._this_rank(samples)
+        elif self.shuffle_buffer > 1:
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, 100, rng=rng)
         yield from self._batches(samples, pending, rng if self.train else None)
 
     def _cycle(self, urls: list[str], rng: random.Random, pending: _Pending):
@@ -183,11 +183,16 @@ class ShardStream(IterableDataset):
 
     def _collate(self, images, labels, keys, skipped) -> dict:
         res = self.decoder.resolution
-        if images:
-            # (B, R, R, 3) -> (B, 3, R, R), still uint8: a quarter of float's bytes through IPC
-            image = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        shape = (len(images), res, res, 3)
+        if get_worker_info() is not None and images:
+            # Stack straight into shared memory: the batch then crosses to the main process
+            # without another copy (what torch's default_collate does for its workers).
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+            image = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
         else:
-            image = torch.empty(0, 3, res, res, dtype=torch.uint8)
+            image = torch.empty(shape, dtype=torch.uint8)
+        if images:
+            np.stack(images, out=image.numpy())  # (B, R, R, 3) uint8: a quarter of float's bytes
         return {
             "image": image,
             "label": torch.tensor(labels, dtype=torch.long),
@@ -197,8 +202,11 @@ class ShardStream(IterableDataset):
 
 
 def to_unit_range(image: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return image.float().div_(127.5).sub_(1.0)
+    """(B, R, R, 3) uint8 [0, 255] -> (B, 3, R, R) float32 [-1, 1], in one strided pass."""
+    b, h, w, c = image.shape
+    out = torch.empty(b, c, h, w)
+    torch.mul(image.permute(0, 3, 1, 2), 1 / 127.5, out=out)
+    return out.sub_(1.0)
 
 
 class SkipStats:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import io
 import itertools
 import struct
-import tarfile
 import warnings
 import zlib
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vistok.data import make_shards
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.image_decode import ImageDecoder
-from vistok.data.make_shards import shard_pattern, write_shards
+from vistok.data.make_shards import write_shards
 from vistok.data.stream import DataQualityError, partition_shards
 
 RES = 32
@@ -316,9 +313,10 @@ def test_training_ranks_and_workers_read_disjoint_shards(tmp_path):
             assert not groups[i] & groups[j], seen
 
 
-def test_training_same_batch_count_on_uneven_ranks(tmp_path):
+@pytest.mark.parametrize("shuffle", [0, 1000])
+def test_training_same_batch_count_on_uneven_ranks(tmp_path, shuffle):
     spec = grid_shards(tmp_path, [9, 2, 5])  # rank 0 gets 14 samples, rank 1 gets 2
-    for rank in range(2):
+    for rank, shards in ((0, {"s0", "s2"}), (1, {"s1"})):
         for workers in (0, 2):
             dm = ImageDataModule(
                 train_shards=spec,
@@ -326,11 +324,16 @@ def test_training_same_batch_count_on_uneven_ranks(tmp_path):
                 batch_size=3,
                 num_workers=workers,
                 batches_per_epoch=7,
+                shuffle_buffer=shuffle,
             )
             loader = dm.train_dataloader(rank=rank, world_size=2)
             for _ in range(2):  # two epochs
-                sizes = [len(b["key"]) for b in epoch(loader)]
-                assert sizes == [3] * 7
+                batches = epoch(loader)
+                assert [len(b["key"]) for b in batches] == [3] * 7
+                keys = {k for b in batches for k in b["key"]}
+                assert {k.split("_")[0] for k in keys} == shards
+                if shuffle == 0 and workers == 0:  # 21 draws cycle through all 14 (or 2)
+                    assert len(keys) == (14 if rank == 0 else 2)
 
 
 def test_training_seeded_by_seed_rank_epoch(tmp_path):
@@ -368,61 +371,11 @@ def test_validation_exactly_once_across_ranks(tmp_path, workers):
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 3  # at most one per shard
 
 
-# -- make_shards ---------------------------------------------------------------------------------
-
-
-def test_make_shards_round_trip(tmp_path, capsys):
-    src = tmp_path / "src"
-    expected = {}
-    for c, cls in enumerate(["cat", "dog", "eel"]):
-        for j in range(3 + c):
-            sub = src / cls / ("nested" if j == 0 else "")
-            sub.mkdir(parents=True, exist_ok=True)
-            fmt, ext = [("JPEG", "JPEG"), ("PNG", "png"), ("WEBP", "webp")][j % 3]
-            data = encode(noise(20 + j, 30, 10 * c + j), fmt)
-            (sub / f"img.{j}.{ext}").write_bytes(data)
-            expected[data] = c
-    (src / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    (src / "eel" / "notes.txt").write_text("ignored")
-    out = tmp_path / "out"
-    paths = make_shards.main([str(src), str(out), "--classes", "--shard-size", "4"])
-    printed = capsys.readouterr().out
-    assert len(paths) == 3 and "broken.jpg" in printed and "1 unreadable" in printed
-    assert printed.strip().splitlines()[-1] == shard_pattern(paths)
-    assert (out / "classes.txt").read_text().split() == ["cat", "dog", "eel"]
-
-    got, keys = {}, []
-    for path in paths:
-        with tarfile.open(path) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        stems = Counter(name.split(".", 1)[0] for name in members)
-        for stem in stems:
-            image = [
-                (n, d)
-                for n, d in members.items()
-                if n.startswith(stem + ".") and not n.endswith(".cls")
-            ]
-            assert len(image) == 1
-            name, data = image[0]
-            assert name.rsplit(".", 1)[1] == Image.open(io.BytesIO(data)).format.lower().replace(
-                "jpeg", "jpg"
-            )
-            got[data] = int(members[f"{stem}.cls"])
-            keys.append(stem)
-    assert got == expected  # every good image once, bytes untouched, right label
-    assert len(keys) == len(set(keys)) == len(expected)
-    # stable: the same folder gives the same bytes
-    again = make_shards.main([str(src), str(tmp_path / "again"), "--classes", "--shard-size", "4"])
-    assert [open(p, "rb").read() for p in again] == [open(p, "rb").read() for p in paths]
-
-
-def test_make_shards_readable_by_datamodule(tmp_path):
-    src = tmp_path / "flat"
-    src.mkdir()
-    for j in range(5):
-        noise(40, 30 + j, j).save(src / f"{j}.png")
-    paths = make_shards.main([str(src), str(tmp_path / "o"), "--prefix", "val"])
-    dm = ImageDataModule(val_shards=shard_pattern(paths), resolution=RES, num_workers=0)
-    batches = list(dm.val_dataloader())
-    assert sum(len(b["key"]) for b in batches) == 5
-    assert all((b["label"] == -1).all() for b in batches)  # unlabelled
+def test_pipe_urls_and_brace_patterns(tmp_path):
+    spec = grid_shards(tmp_path, [3, 4])
+    first, second = spec.split("::")
+    pattern = str(tmp_path / "grid{0..1}-000000.tar")
+    for shards in (f"pipe:cat {first}::pipe:cat {second}", pattern):
+        dm = ImageDataModule(val_shards=shards, resolution=16, num_workers=0)
+        keys = sorted(k for b in dm.val_dataloader() for k in b["key"])
+        assert keys == sorted([f"s0_{j}" for j in range(3)] + [f"s1_{j}" for j in range(4)])

@@ -2,7 +2,8 @@
 
 Real images are crops of scikit-image's bundled photos (no download). Inception runs at 299 px
 whatever the input size, so image counts stay small; 2048-d features are used where the standard
-FID matters and 64/768-d where a test needs full-rank covariances or many computes.
+FID matters and 64/192/768-d where a test needs full-rank covariances or many passes. Torch runs
+single-threaded here: on a shared 2-core machine two threads made Inception passes 4-10x slower.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
 import warnings
 
 import numpy as np
@@ -57,6 +59,14 @@ def crops(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 def noisy(images: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (images + sigma * torch.randn(images.shape, generator=g)).clamp(-1, 1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:
@@ -108,17 +118,44 @@ def test_missing_weights_error_names_pip(tmp_path, monkeypatch):
         inception.fid_weights_path(tmp_path / "absent.pth")
 
 
+def test_weights_path_prefers_official_and_checks_files(tmp_path, monkeypatch):
+    converted = inception.fid_weights_path()  # default cache: converted once, reused later
+    _no_official(monkeypatch, tmp_path)
+    official = tmp_path / "hub" / "checkpoints" / inception.OFFICIAL_NAME
+    official.parent.mkdir(parents=True)
+    official.symlink_to(converted)  # stands in for the downloaded official file
+    assert inception.fid_weights_path() == str(official)
+    monkeypatch.setenv("VISTOK_FID_WEIGHTS", converted)
+    assert inception.fid_weights_path() == converted
+
+    unsafe = tmp_path / "unsafe.pth"
+    unsafe.write_bytes(pickle.dumps({"x": print}, protocol=2))  # a global: weights_only refuses
+    with pytest.raises(pickle.UnpicklingError):
+        inception.fid_weights_path(unsafe)
+    other = tmp_path / "other.pth"
+    torch.save({"w": torch.zeros(1)}, other)
+    with pytest.raises(ValueError, match="not a torch-fidelity InceptionV3"):
+        inception.fid_weights_path(other)
+
+
 # ----------------------------------------------------------------------------- FID values
+def test_to_uint8_rounds_like_an_image_file():
+    x = torch.tensor([-1.0, -2.0, 0.0, 1.0, 1.5, 2 / 255 - 1, 0.6 / 127.5 - 1])
+    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 1, 1]
+    assert to_uint8(torch.tensor([7], dtype=torch.uint8)).tolist() == [7]
+
+
 def test_identical_is_zero_and_noise_increases_fid(tmp_path):
     fid = FID(feature=768, stats_dir=tmp_path)
-    real = crops(8)
+    assert fid.inception.use_antialias is False  # the TF-compatible resize
+    real = crops(6)
     fid.update(real, real=True)
     values = []
-    for sigma in (0.0, 0.1, 0.2, 0.4):
+    for sigma in (0.0, 0.1, 0.3):
         fid.reset_fake()
         fid.update(noisy(real, sigma), real=False)
         values.append(fid.compute())
-    assert int(fid.real_features_num_samples) == 8  # reset_fake kept the reference
+    assert int(fid.real_features_num_samples) == 6  # reset_fake kept the reference
     assert abs(values[0]) < 1e-2, values
     assert values[1] > 1 and all(a < b for a, b in zip(values, values[1:])), values
 
@@ -198,24 +235,25 @@ def test_metric_reports_sqrt_error(tmp_path):
 
 # ----------------------------------------------------------------------------- caching
 def test_cached_reference_is_not_recomputed(tmp_path):
-    real, fake = crops(8, seed=0), noisy(crops(6, seed=5), 0.05)
+    real, fake = crops(6, seed=0), noisy(crops(4, seed=5), 0.05)
     first = FID(stats_dir=tmp_path)  # the standard 2048-d FID
     calls = count_calls(first.inception)
     with pytest.raises(ValueError, match="key says 9"):
-        first.load_or_compute_real("photos", [real[:4]], resolution=64, count=9)
+        first.load_or_compute_real("photos", [real[:2]], resolution=64, count=9)
     assert not list(tmp_path.iterdir())  # a wrong count writes nothing
-    hit = first.load_or_compute_real("photos", lambda: real.split(4), resolution=64, count=8)
+    hit = first.load_or_compute_real("photos", lambda: real.split(3), resolution=64, count=6)
     assert not hit and calls[0] == 3  # 1 batch above + 2 here
     first.update(fake, real=False)
     v1 = first.compute()
 
-    path = first.stats_path("photos", 64, 8)
+    path = first.stats_path("photos", 64, 6)
+    assert path.name.startswith("photos_64px_n6_f2048_tf_w")
     with safe_open(str(path), "pt") as f:
         meta, mean, count = f.metadata(), f.get_tensor("mean"), f.get_tensor("count")
         assert f.get_tensor("cov").shape == (2048, 2048)
-    assert meta["weights_sha256"] == first.weights_hash and meta["count"] == "8"
-    assert int(count) == 8
-    torch.testing.assert_close(mean, first.real_features_sum.cpu() / 8)
+    assert meta["weights_sha256"] == first.weights_hash and meta["count"] == "6"
+    assert int(count) == 6
+    torch.testing.assert_close(mean, first.real_features_sum.cpu() / 6)
 
     second = FID(stats_dir=tmp_path)
     calls = count_calls(second.inception)
@@ -223,7 +261,7 @@ def test_cached_reference_is_not_recomputed(tmp_path):
     def must_not_run():
         raise AssertionError("reference images were loaded again")
 
-    assert second.load_or_compute_real("photos", must_not_run, resolution=64, count=8)
+    assert second.load_or_compute_real("photos", must_not_run, resolution=64, count=6)
     assert calls[0] == 0
     second.update(fake, real=False)
     assert calls[0] == 1
@@ -245,11 +283,11 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
         hit = fid.load_or_compute_real("ddp", [real[mine]], resolution=64, count=8)
         fid.update(fake[mine], real=False)
         first = fid.compute()
-        cached = FID(feature=DDP_FEATURE, stats_dir=f"{tmp}/stats")
-        calls = count_calls(cached.inception)
-        hit2 = cached.load_or_compute_real("ddp", lambda: [real[mine]], resolution=64, count=8)
-        cached.update(fake[mine], real=False)
-        second = cached.compute()
+        fid.reset_real()  # a later evaluation: the reference now comes from the cache
+        calls = count_calls(fid.inception)
+        hit2 = fid.load_or_compute_real("ddp", lambda: [real[mine]], resolution=64, count=8)
+        fid.update(fake[mine], real=False)
+        second = fid.compute()
 
         codes, bits = _codes()
         usage, balance = CodebookUsage(vocab_size=16, groups=2), BitBalance(bits=6)

@@ -1,0 +1,231 @@
+"""Sampling images from a trained AR generator: what ``sample.py`` runs.
+
+Writes PNGs, a grid PNG, ``samples.npz`` (uint8 NHWC under ``arr_0``, the ADM evaluator's format;
+``labels`` beside it) and ``results.json`` (gFID when the FID module is available, always with the
+full protocol). Under ``torchrun`` every rank samples a disjoint set of batches and rank 0
+gathers the npz. Batch j (of ``--batch-size`` images, global index order) is always sampled with
+the seed derived from (``--seed``, j), so the images do not depend on the number of processes.
+
+The generator checkpoint names its tokenizer (path + SHA-256); a tokenizer whose hash differs,
+given with ``--tokenizer`` or found at the recorded path, is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from vistok.common.checkpoints import load_strict, read_checkpoint, submodule_state
+from vistok.common.configurable import instantiate
+from vistok.common.images import save_grid, to_uint8
+from vistok.common.results import code_version
+from vistok.data.codes import TokenizerCheckpoint, file_sha256, read_tokenizer
+from vistok.generators.ar import GPT
+from vistok.generators.sampling import SamplingConfig, generate
+
+
+class TokenizerMismatch(ValueError):
+    """The tokenizer is not the one the generator was trained for."""
+
+
+class GeneratorCheckpoint(NamedTuple):
+    gpt: GPT
+    hparams: dict[str, Any]
+    identity: dict[str, Any]  # path, sha256, ema
+
+
+def load_generator(path: str, ema: bool | None = None, device="cpu") -> GeneratorCheckpoint:
+    """GPT (eval mode) from an ``ARModule`` checkpoint; EMA weights by default when present."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "gpt_config" not in hp or "tokenizer_identity" not in hp:
+        raise ValueError(f"{path} is not an AR generator checkpoint (no gpt_config)")
+    gpt = instantiate(hp["gpt_config"])
+    state = ckpt["state_dict"]
+    load_strict(gpt, submodule_state(state, "gpt"), str(path))
+    shadows = submodule_state(state, "ema")
+    has_ema = any(k.startswith("shadow_") for k in shadows)
+    if ema and not has_ema:
+        raise ValueError(f"{path} has no EMA weights (trained without ema_decay)")
+    use_ema = has_ema if ema is None else ema
+    if use_ema:
+        with torch.no_grad():
+            for i, (name, param) in enumerate(gpt.named_parameters()):
+                param.copy_(shadows[f"shadow_{i}"])
+    identity = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "ema": use_ema}
+    return GeneratorCheckpoint(gpt.eval().to(device), hp, identity)
+
+
+def resolve_tokenizer(recorded: dict, path: str | None = None, device="cpu") -> TokenizerCheckpoint:
+    """The generator's tokenizer: ``path`` or the recorded one, refused if its hash differs."""
+    chosen = path or recorded["path"]
+    if not Path(chosen).is_file():
+        raise FileNotFoundError(
+            f"tokenizer checkpoint {chosen} not found; pass --tokenizer (its sha256 must be "
+            f"{recorded['sha256']})"
+        )
+    sha = file_sha256(chosen)
+    if sha != recorded["sha256"]:
+        raise TokenizerMismatch(
+            f"tokenizer {chosen} (sha256 {sha[:12]}) is not the one this generator was trained "
+            f"on: {recorded['path']} (sha256 {recorded['sha256'][:12]}). Its codes would mean "
+            "something else; use the generator's tokenizer."
+        )
+    return read_tokenizer(chosen, recorded.get("ema", True), device)
+
+
+def class_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    """balanced: 0, 1, ..., C-1, 0, ... (50 per class for 50k ImageNet); random: uniform."""
+    if num_classes == 0:
+        return torch.full((n,), -1, dtype=torch.long)
+    if mode == "balanced":
+        return torch.arange(n) % num_classes
+    if mode == "random":
+        return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    raise ValueError(f"classes must be balanced or random, got {mode!r}")
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Sample, write the outputs and results.json; returns the results on rank 0."""
+    rank, world, device = init_distributed()
+    gen = load_generator(args.generator, args.ema, device)
+    tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)
+    gpt, tokenizer = gen.gpt, tok.tokenizer
+    cfg_scale = args.cfg if gpt.num_classes else 1.0
+    config = SamplingConfig(cfg_scale, args.cfg_schedule, tuple(args.cfg_interval),
+                            args.temperature, args.top_k, args.top_p)
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    fid, fid_protocol, skipped = None, None, None
+    if args.fid != "off":
+        from vistok.generators.gfid import fid_unavailable, make_fid
+
+        skipped = fid_unavailable()
+        if skipped and args.fid == "on":
+            raise SystemExit(f"error: gFID requested but unavailable: {skipped}")
+        if skipped is None:
+            fid, fid_protocol = make_fid(args.ref_shards, tokenizer.resolution, device,
+                                         args.ref_count, rank, world)
+    else:
+        skipped = "disabled (--fid off)"
+    if skipped and rank == 0:
+        print(f"gFID skipped: {skipped}")
+
+    labels = class_labels(args.num_images, gpt.num_classes, args.classes, args.seed)
+    jobs = list(enumerate(range(0, args.num_images, args.batch_size)))[rank::world]
+    mine_idx, mine_img = [], []
+    for j, start in tqdm(jobs, disable=rank != 0, desc="sampling", unit="batch"):
+        idx = torch.arange(start, min(start + args.batch_size, args.num_images))
+        g = torch.Generator(device).manual_seed(batch_seed(args.seed, j))
+        codes = generate(gpt, labels[idx], config, g)
+        images = tokenizer.detokenize(codes).float().clamp(-1, 1)  # (B, 3, H, W)
+        if fid is not None:
+            fid.update(images, real=False)
+        arr = to_uint8(images)  # (B, H, W, 3)
+        if args.save_png:
+            for i, a in zip(idx.tolist(), arr):
+                Image.fromarray(a).save(out / "images" / f"{i:06d}.png")
+        mine_idx.append(idx.numpy())
+        mine_img.append(arr)
+    gfid = fid.compute() if fid is not None else None
+
+    parts = [(np.concatenate(mine_idx), np.concatenate(mine_img))] if mine_idx else []
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        parts = [p for ps in gathered or [] for p in ps]
+    results = None
+    if rank == 0:
+        order = np.concatenate([p[0] for p in parts])
+        arrays = np.concatenate([p[1] for p in parts])[np.argsort(order)]  # (N, H, W, 3)
+        np.savez(out / "samples.npz", arr_0=arrays, labels=labels.numpy())
+        grid = torch.from_numpy(arrays[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_grid(list(grid.split(8)), out / "grid.png")
+        results = {
+            "gfid": gfid,
+            "gfid_skipped": skipped,
+            "protocol": {
+                "num_images": args.num_images,
+                "classes": args.classes if gpt.num_classes else "unconditional",
+                "num_classes": gpt.num_classes,
+                "sampling": config.to_dict(),
+                "seed": args.seed,
+                "batch_size": args.batch_size,
+                "world_size": world,
+                "generator": gen.identity,
+                "tokenizer": tok.identity,
+                "fid": fid_protocol,
+                "code_version": code_version(),
+            },
+            "outputs": {"npz": "samples.npz", "grid": "grid.png",
+                        "images": "images/" if args.save_png else None},
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample images from an AR generator checkpoint.")
+    p.add_argument("--generator", required=True, help="generator checkpoint (.ckpt)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one it was trained on")
+    p.add_argument("--num-images", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0],
+                   metavar=("START", "END"), help="fraction of token positions with guidance")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", choices=["balanced", "random"], default="balanced")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA generator weights (default: when the checkpoint has them)")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fid", choices=["auto", "on", "off"], default="auto",
+                   help="gFID against the reference shards (auto: when available)")
+    p.add_argument("--ref-shards", help="real images for gFID; default: embedded val split")
+    p.add_argument("--ref-count", type=int, help="images in --ref-shards (default: counted)")
+    args = p.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        p.error("--num-images and --batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (TokenizerMismatch, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e

@@ -1,0 +1,13 @@
+"""Sample images from a trained generator: PNGs, a grid, an ADM-format npz and gFID.
+
+    python sample.py --generator runs/ar/checkpoints/last.ckpt --num-images 50000 --cfg 2.0 \
+        --top-k 0 --top-p 1.0 --temperature 1.0 --seed 0 --out samples/
+    torchrun --nproc_per_node=8 sample.py ...   # each rank samples its share, rank 0 gathers
+
+See ``vistok.generators.inference`` for the outputs and the protocol written to results.json.
+"""
+
+from vistok.generators.inference import main
+
+if __name__ == "__main__":
+    main()
