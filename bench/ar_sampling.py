@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     t_full, c_full = timed(model, labels, config, False)
     same = torch.equal(c_cache, c_full)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"GPT-{a.preset} ({params:.1f}M params), {a.side}x{a.side} tokens, batch {a.batch}, "
-          f"vocab {a.vocab}, cfg {a.cfg}, {torch.get_num_threads()} threads")
+    print(
+        f"GPT-{a.preset} ({params:.1f}M params), {a.side}x{a.side} tokens, batch {a.batch}, "
+        f"vocab {a.vocab}, cfg {a.cfg}, {torch.get_num_threads()} threads"
+    )
     print(f"{'':<16}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'KV cache':<16}{t_cache:>10.2f}{tokens / t_cache:>12.1f}")
     print(f"{'recompute':<16}{t_full:>10.2f}{tokens / t_full:>12.1f}")

@@ -267,11 +267,19 @@ class CodeLoader(wds.WebLoader):
     ``stats``, drops count-only batches, and cuts ``batches_per_epoch`` batches per pass so that
     every rank steps equally often. The epoch seeding a pass is read when the pass starts."""
 
-    def __init__(self, stream: CodeStream, stats: SkipStats, num_workers: int,
-                 max_bad_fraction: float, batches_per_epoch: int | None = None,
-                 epoch_source=None, min_samples: int = 1000):
-        super().__init__(stream, batch_size=None, num_workers=num_workers,
-                         pin_memory=torch.cuda.is_available())
+    def __init__(
+        self,
+        stream: CodeStream,
+        stats: SkipStats,
+        num_workers: int,
+        max_bad_fraction: float,
+        batches_per_epoch: int | None = None,
+        epoch_source=None,
+        min_samples: int = 1000,
+    ):
+        super().__init__(
+            stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        )
         self.stream = self.dataset = stream  # ``dataset``: Lightning sees an iterable loader
         self.stats, self.max_bad_fraction, self.min_samples = stats, max_bad_fraction, min_samples
         self.batches_per_epoch, self.epoch_source, self._passes = batches_per_epoch, epoch_source, 0
@@ -360,8 +368,14 @@ class CodeDataModule(pl.LightningDataModule):
         stream = CodeStream(
             self.train_urls, self.batch_size, True, rank, world_size, self.shuffle_buffer, self.seed
         )
-        return CodeLoader(stream, self.train_stats, self.num_workers, self.max_bad_fraction,
-                          self.batches_per_epoch, epoch_source=self._epoch)
+        return CodeLoader(
+            stream,
+            self.train_stats,
+            self.num_workers,
+            self.max_bad_fraction,
+            self.batches_per_epoch,
+            epoch_source=self._epoch,
+        )
 
     def val_dataloader(self, rank: int | None = None, world_size: int | None = None):
         if self.val_urls is None:

@@ -205,8 +205,8 @@ def to_unit_range(image: torch.Tensor) -> torch.Tensor:
     """(B, R, R, 3) uint8 [0, 255] -> (B, 3, R, R) float32 [-1, 1], in one strided pass."""
     b, h, w, c = image.shape
     out = torch.empty(b, c, h, w)
-    torch.mul(image.permute(0, 3, 1, 2), 1 / 127.5, out=out)
-    return out.sub_(1.0)
+    # Divide, then subtract: exact at both ends (a fused multiply-add overshoots 1 by an ulp).
+    return torch.div(image.permute(0, 3, 1, 2), 127.5, out=out).sub_(1.0)
 
 
 class SkipStats:

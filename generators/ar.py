@@ -157,8 +157,14 @@ def ffn_hidden(dim: int, multiple_of: int = 256) -> int:
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = True,
-                 multiple_of: int = 256):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        causal: bool = True,
+        multiple_of: int = 256,
+    ):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
         self.attn = Attention(dim, heads, dropout, causal)
@@ -286,7 +292,9 @@ class GPT(Configurable, nn.Module):
         s = 0 if start is None else start
         t = x.shape[1]
         if s + t > self.num_tokens:
-            raise ValueError(f"positions up to {s + t} exceed the sequence length {self.num_tokens}")
+            raise ValueError(
+                f"positions up to {s + t} exceed the sequence length {self.num_tokens}"
+            )
         rope = (self.rope_cos[s : s + t], self.rope_sin[s : s + t])
         for block in self.blocks:
             x = block(x, rope, start)

@@ -28,7 +28,6 @@ from vistok.data.codes import read_tokenizer
 from vistok.generators.ar import GPT
 from vistok.generators.sampling import SamplingConfig, generate
 
-
 _NOT_HPARAMS = ("self", "__class__", "tok", "identity")
 
 
@@ -145,7 +144,9 @@ class ARModule(pl.LightningModule):
             if hp.lr_schedule == "constant" or total_steps <= hp.warmup_steps:
                 return 1.0
             progress = min(1.0, (step - hp.warmup_steps) / (total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
 
         return factor
 
@@ -161,15 +162,22 @@ class ARModule(pl.LightningModule):
         self.val_nll.update(stats["nll_per_token"], n)
         self.val_acc.update(stats["accuracy"], n)
         # Metric objects: Lightning reduces them across ranks once, at the end of the epoch.
-        metrics = {"val/loss": self.val_loss, "val/nll_per_token": self.val_nll,
-                   "val/accuracy": self.val_acc}
+        metrics = {
+            "val/loss": self.val_loss,
+            "val/nll_per_token": self.val_nll,
+            "val/accuracy": self.val_acc,
+        }
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=n)
 
     def on_validation_epoch_end(self) -> None:
         try:
             trainer = self.trainer
-            if (self.hparams.sample_images and not trainer.sanity_checking
-                    and trainer.is_global_zero and trainer.log_dir):
+            if (
+                self.hparams.sample_images
+                and not trainer.sanity_checking
+                and trainer.is_global_zero
+                and trainer.log_dir
+            ):
                 path = Path(trainer.log_dir) / "images" / f"samples_{self.global_step:07d}.png"
                 save_grid([self.sample_images(self.hparams.sample_images)], path)
         finally:

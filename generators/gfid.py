@@ -74,8 +74,9 @@ def make_fid(
     fid = FID().to(device)
 
     def real_batches():
-        data = ImageDataModule(val_shards=spec, resolution=resolution, val_batch_size=batch_size,
-                               num_workers=0)
+        data = ImageDataModule(
+            val_shards=spec, resolution=resolution, val_batch_size=batch_size, num_workers=0
+        )
         for batch in data.val_dataloader(rank=rank, world_size=world_size):
             yield batch["image"].to(device)
 

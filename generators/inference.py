@@ -59,7 +59,7 @@ def load_generator(path: str, ema: bool | None = None, device="cpu") -> Generato
     use_ema = has_ema if ema is None else ema
     if use_ema:
         with torch.no_grad():
-            for i, (name, param) in enumerate(gpt.named_parameters()):
+            for i, param in enumerate(gpt.parameters()):
                 param.copy_(shadows[f"shadow_{i}"])
     identity = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "ema": use_ema}
     return GeneratorCheckpoint(gpt.eval().to(device), hp, identity)
@@ -118,8 +118,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)
     gpt, tokenizer = gen.gpt, tok.tokenizer
     cfg_scale = args.cfg if gpt.num_classes else 1.0
-    config = SamplingConfig(cfg_scale, args.cfg_schedule, tuple(args.cfg_interval),
-                            args.temperature, args.top_k, args.top_p)
+    config = SamplingConfig(
+        cfg_scale,
+        args.cfg_schedule,
+        tuple(args.cfg_interval),
+        args.temperature,
+        args.top_k,
+        args.top_p,
+    )
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
 
@@ -131,8 +137,9 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if skipped and args.fid == "on":
             raise SystemExit(f"error: gFID requested but unavailable: {skipped}")
         if skipped is None:
-            fid, fid_protocol = make_fid(args.ref_shards, tokenizer.resolution, device,
-                                         args.ref_count, rank, world)
+            fid, fid_protocol = make_fid(
+                args.ref_shards, tokenizer.resolution, device, args.ref_count, rank, world
+            )
     else:
         skipped = "disabled (--fid off)"
     if skipped and rank == 0:
@@ -184,8 +191,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 "fid": fid_protocol,
                 "code_version": code_version(),
             },
-            "outputs": {"npz": "samples.npz", "grid": "grid.png",
-                        "images": "images/" if args.save_png else None},
+            "outputs": {
+                "npz": "samples.npz",
+                "grid": "grid.png",
+                "images": "images/" if args.save_png else None,
+            },
         }
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if world > 1:
@@ -202,19 +212,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0],
-                   metavar=("START", "END"), help="fraction of token positions with guidance")
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("START", "END"),
+        help="fraction of token positions with guidance",
+    )
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", choices=["balanced", "random"], default="balanced")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="EMA generator weights (default: when the checkpoint has them)")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA generator weights (default: when the checkpoint has them)",
+    )
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--fid", choices=["auto", "on", "off"], default="auto",
-                   help="gFID against the reference shards (auto: when available)")
+    p.add_argument(
+        "--fid",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="gFID against the reference shards (auto: when available)",
+    )
     p.add_argument("--ref-shards", help="real images for gFID; default: embedded val split")
     p.add_argument("--ref-count", type=int, help="images in --ref-shards (default: counted)")
     args = p.parse_args(argv)

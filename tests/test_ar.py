@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from vistok.generators.ar import GPT, GPT_PRESETS
-from vistok.generators.sampling import Picker, SamplingConfig, filter_logits, generate, sample_logits
+from vistok.generators.sampling import (
+    Picker,
+    SamplingConfig,
+    filter_logits,
+    generate,
+    sample_logits,
+)
 
 SPACES = {
     "index": {"kind": "index", "vocab_size": 32, "channels": 8},
@@ -30,8 +36,9 @@ def one_thread():
 
 def tiny(kind: str, token_shape=(3, 4), num_classes: int = 5, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(SPACES[kind], list(token_shape), num_classes, preset="tiny", dropout=0.0,
-                token_dropout=0.0)
+    model = GPT(
+        SPACES[kind], list(token_shape), num_classes, preset="tiny", dropout=0.0, token_dropout=0.0
+    )
     # The output layers start at zero (uniform logits); randomise them so argmaxes mean something.
     for p in model.head.parameters():
         if p.dim() >= 2:
@@ -98,8 +105,9 @@ def test_greedy_decoding_is_the_argmax_of_full_logits(kind, scale):
     greedy = SamplingConfig(cfg_scale=scale, temperature=0.0)
     codes = generate(model, labels, greedy, torch.Generator().manual_seed(0))
     again = generate(model, labels, greedy, torch.Generator().manual_seed(123))
-    top1 = generate(model, labels, SamplingConfig(cfg_scale=scale, top_k=1),
-                    torch.Generator().manual_seed(5))
+    top1 = generate(
+        model, labels, SamplingConfig(cfg_scale=scale, top_k=1), torch.Generator().manual_seed(5)
+    )
     assert torch.equal(codes, again) and torch.equal(codes, top1)
     logits = guided_full_logits(model, codes, labels, scale)
     assert torch.equal(logits.argmax(-1), model.to_sequence(codes))
@@ -109,8 +117,10 @@ def test_greedy_decoding_is_the_argmax_of_full_logits(kind, scale):
 def test_sampled_codes_stay_inside_the_top_k_and_top_p_sets(kind):
     model = tiny(kind)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
-    for config in (SamplingConfig(cfg_scale=2.0, top_k=2, temperature=2.0),
-                   SamplingConfig(cfg_scale=2.0, top_p=0.6, temperature=2.0)):
+    for config in (
+        SamplingConfig(cfg_scale=2.0, top_k=2, temperature=2.0),
+        SamplingConfig(cfg_scale=2.0, top_p=0.6, temperature=2.0),
+    ):
         for seed in range(3):
             codes = generate(model, labels, config, torch.Generator().manual_seed(seed))
             logits = guided_full_logits(model, codes, labels, 2.0) / config.temperature
@@ -178,8 +188,9 @@ def test_guidance_of_scale_one_is_the_conditional_model(kind):
     (conditional + null) batch with scale 1 and must equal plain conditional sampling."""
     model = tiny(kind, (4, 4))
     labels = torch.tensor([0, 1, 2])
-    plain = generate(model, labels, SamplingConfig(temperature=1.0),
-                     torch.Generator().manual_seed(3))
+    plain = generate(
+        model, labels, SamplingConfig(temperature=1.0), torch.Generator().manual_seed(3)
+    )
     half = SamplingConfig(cfg_scale=30.0, cfg_interval=(0.5, 1.0), temperature=1.0)
     guided = generate(model, labels, half, torch.Generator().manual_seed(3))
     a, b = model.to_sequence(plain), model.to_sequence(guided)

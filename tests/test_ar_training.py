@@ -74,8 +74,15 @@ def test_gpt_learns_class_templates_and_samples_them(kind):
     g = torch.Generator().manual_seed(0)
     templates = torch.randint(16, (CLASSES, SIDE, SIDE), generator=g)
     torch.manual_seed(0)
-    model = GPT(SPACES[kind], [SIDE, SIDE], CLASSES, preset="tiny", dropout=0.0,
-                token_dropout=0.0, label_dropout=0.1)
+    model = GPT(
+        SPACES[kind],
+        [SIDE, SIDE],
+        CLASSES,
+        preset="tiny",
+        dropout=0.0,
+        token_dropout=0.0,
+        label_dropout=0.1,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     for _ in range(250):
@@ -94,14 +101,12 @@ def test_gpt_learns_class_templates_and_samples_them(kind):
     assert nll < floor + 0.2, (nll, floor)  # uniform would be ln 16 = 2.77
 
     labels = torch.arange(64) % CLASSES
-    codes = generate(model, labels, SamplingConfig(cfg_scale=CFG),
-                     torch.Generator().manual_seed(1))
+    codes = generate(model, labels, SamplingConfig(cfg_scale=CFG), torch.Generator().manual_seed(1))
     sampled = as_values(codes, kind)  # (64, h, w)
     match = (sampled == templates[labels]).float().mean().item()
     # Bits lose more while sampling: their own independent bit errors make prefixes unlike the
     # data (where a token is either all template or all noise). Chance level is 1/16.
     margin = 0.15 if kind == "bits" else 0.07
-    print(kind, nll, match)
     assert match > expected_match - margin, (match, expected_match)
     # Every sample is closest to its own class's template.
     dist = (sampled[:, None] != templates[None]).sum(dim=(-1, -2))  # (64, C)

@@ -16,7 +16,7 @@ from PIL import Image
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.image_decode import ImageDecoder
 from vistok.data.make_shards import write_shards
-from vistok.data.stream import DataQualityError, partition_shards
+from vistok.data.stream import DataQualityError, partition_shards, to_unit_range
 
 RES = 32
 
@@ -166,6 +166,15 @@ def test_bad_kinds_and_small_images():
         {"png": encode(noise(16, 40, 0))}, None
     )
     assert isinstance(up, np.ndarray) and up.shape == (RES, RES, 3)
+
+
+def test_to_unit_range_exact_and_channels_first():
+    x = torch.arange(256, dtype=torch.uint8).repeat(3).view(1, 16, 16, 3)  # (B, H, W, C)
+    x[..., 0], x[..., 1] = 0, 255
+    y = to_unit_range(x)
+    assert y.shape == (1, 3, 16, 16) and y.is_contiguous() and y.dtype == torch.float32
+    assert (y[:, 0] == -1).all() and (y[:, 1] == 1).all()  # endpoints exact
+    torch.testing.assert_close(y, x.permute(0, 3, 1, 2).float() / 127.5 - 1)
 
 
 # -- bad samples through the streams -----------------------------------------------------------
