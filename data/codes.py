@@ -171,11 +171,12 @@ class _Handler:
     """webdataset exception handler: warn, count the shard, keep going."""
 
     def __init__(self, counts: Counter):
-        self.counts = counts
+        self.counts, self.failures = counts, 0
 
     def __call__(self, exn: Exception) -> bool:
         warnings.warn(f"skipping unreadable code shard: {exn}", stacklevel=2)
         self.counts[SHARD_REASON] += 1
+        self.failures += 1
         return True
 
 
@@ -203,10 +204,10 @@ class CodeStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"vistok-codes:{self.seed}:{self.rank}:{worker}:{self.epoch}")
         counts: Counter = Counter()
-        handler = _Handler(counts)
+        handler, good = _Handler(counts), [0]
         if self.train:
             mine = partition_shards(self.urls, self.rank, self.world_size, worker, num_workers)
-            shards = self._cycle(mine, rng)
+            shards = self._cycle(mine, rng, handler, good)
         else:
             shards = ({"url": u} for u in self.urls[worker::num_workers])
         files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
@@ -222,6 +223,7 @@ class CodeStream(IterableDataset):
             except Exception:
                 counts["corrupt"] += 1
                 continue
+            good[0] += 1
             codes.append(views[rng.randrange(len(views)) if self.train else 0])
             labels.append(parse_label(sample))
             keys.append(sample["__key__"])
@@ -231,11 +233,15 @@ class CodeStream(IterableDataset):
         if keys or counts:
             yield self._collate(codes, labels, keys, counts)
 
-    def _cycle(self, urls: list[str], rng: random.Random):
+    def _cycle(self, urls: list[str], rng: random.Random, handler: _Handler, good: list[int]):
         while True:
+            before = (good[0], handler.failures)
             order = list(urls)
             rng.shuffle(order)
             yield from ({"url": u} for u in order)
+            # A whole pass of unreadable shards would otherwise spin forever.
+            if good[0] == before[0] and handler.failures - before[1] >= len(urls):
+                raise RuntimeError(f"none of these code shards could be read: {urls}")
 
     def _this_rank(self, samples):
         # Sample j of shard s goes to rank (s + j) % world_size: each sample read exactly once.

@@ -117,7 +117,10 @@ class ARModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in stats.items()})
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which runs after the checkpoint callback has
+        # saved that step: a resumed run would miss one EMA update per checkpoint.
         if self.ema is not None:
             self.ema.update()
 
@@ -187,11 +190,11 @@ class ARModule(pl.LightningModule):
     @torch.no_grad()
     def sample_images(self, n: int, seed: int = 0) -> torch.Tensor:
         """n images (n, 3, H, W) in [-1, 1] for classes 0, 1, ... with the grid's CFG scale."""
-        device = self.gpt.norm.weight.device
-        classes = max(self.gpt.num_classes, 1)
-        labels = torch.arange(n, device=device) % classes if self.gpt.num_classes else None
-        labels = labels if labels is not None else torch.full((n,), -1, device=device)
-        cfg = self.hparams.sample_cfg if self.gpt.num_classes else 1.0
+        device, classes = self.gpt.norm.weight.device, self.gpt.num_classes
+        if classes:
+            labels, cfg = torch.arange(n, device=device) % classes, self.hparams.sample_cfg
+        else:  # unconditional: the null class, nothing to guide towards
+            labels, cfg = torch.full((n,), -1, device=device), 1.0
         gen = torch.Generator(device).manual_seed(seed)
         was_training = self.gpt.training
         self.gpt.eval()

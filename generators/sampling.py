@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -154,7 +155,8 @@ def generate(
     amp = autocast_dtype(device) if autocast else None
     dtype = amp or model.norm.weight.dtype
 
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    precision = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    with precision:
         seq = torch.zeros(m, n, model.factors, dtype=torch.long, device=device)  # (M, N, F)
         x = model.class_tokens(labels, m).to(dtype)  # (M, 1, D)
         if use_cache:

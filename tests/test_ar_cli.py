@@ -11,7 +11,12 @@ import torch
 from helpers import ROOT, photo_crops, run
 
 from vistok.common.checkpoints import read_checkpoint
-from vistok.data.codes import CodeDataModule, file_sha256, load_tokenizer_from_checkpoint
+from vistok.data.codes import (
+    CodeDataModule,
+    CodeStream,
+    file_sha256,
+    load_tokenizer_from_checkpoint,
+)
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.extract_codes import extract
 from vistok.data.make_shards import shard_pattern, write_shards
@@ -135,6 +140,13 @@ def test_codes_of_another_tokenizer_are_refused(tmp_path):
         check_codes_match(meta, few.identity, few.gpt)
 
 
+def test_unreadable_code_shards_stop_training_with_their_names(tmp_path):
+    stream = CodeStream([str(tmp_path / "gone.tar")], batch_size=2, train=True)
+    with pytest.warns(UserWarning, match="gone.tar"):
+        with pytest.raises(RuntimeError, match="none of these code shards"):
+            next(iter(stream))
+
+
 def save_generator(tmp_path, tokenizer_path, ema: bool) -> tuple[ARModule, str]:
     module = ARModule(
         str(tokenizer_path), preset="tiny", num_classes=3, ema_decay=0.5 if ema else None
@@ -246,27 +258,30 @@ def test_tokenizer_codes_generator_samples_through_the_real_clis(tmp_path, monke
     assert meta["splits"]["train"]["num_classes"] == 2
 
     gen_run = tmp_path / "gen"
-    run(
-        [
-            "train.py",
-            "--config",
-            "generator/ar_cpu_small.yaml",
-            f"--model.init_args.tokenizer={tok_ckpt}",
-            f"--data.init_args.root={codes}",
-            "--model.init_args.preset=tiny",
-            "--model.init_args.num_classes=2",
-            "--model.init_args.ema_decay=0.9",
-            "--model.init_args.sample_images=2",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.num_workers=0",
-            "--trainer.max_steps=4",
-            "--trainer.val_check_interval=2",
-            f"--run_dir={gen_run}",
-        ]
-    )
+    train_gpt = [
+        "train.py",
+        "--config",
+        "generator/ar_cpu_small.yaml",
+        f"--model.init_args.tokenizer={tok_ckpt}",
+        f"--data.init_args.root={codes}",
+        "--model.init_args.preset=tiny",
+        "--model.init_args.num_classes=2",
+        "--model.init_args.ema_decay=0.9",
+        "--model.init_args.sample_images=2",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--trainer.val_check_interval=2",
+        f"--run_dir={gen_run}",
+    ]
+    run([*train_gpt, "--trainer.max_steps=2"])
+    run([*train_gpt, "--trainer.max_steps=4", "--ckpt_path=last"])  # resume
     gen_ckpt = str(gen_run / "checkpoints" / "last.ckpt")
+    state = read_checkpoint(gen_ckpt)
+    # Every optimizer step updated the EMA, the ones before the resume included.
+    assert state["global_step"] == 4 and state["state_dict"]["ema.num_updates"] == 4
+    assert not any(k.startswith("tokenizer.") for k in state["state_dict"])
     history = json.loads((gen_run / "results.json").read_text())
-    assert history[-1]["step"] == 4 and "val/loss" in history[-1]["metrics"]
+    assert [h["step"] for h in history] == [2, 4] and "val/loss" in history[-1]["metrics"]
     assert list((gen_run / "images").glob("samples_*.png"))
 
     out = tmp_path / "samples"

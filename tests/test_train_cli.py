@@ -1,8 +1,10 @@
 """The real CLI end to end: shards from make_shards -> train -> checkpoint -> resume."""
 
+import copy
 import csv
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import ROOT, TINY, photo_crops, run
 
@@ -81,6 +83,26 @@ def test_train_checkpoint_resume_through_the_real_cli(tmp_path):
     assert first["global_step"] == 3
     assert (run_dir / "config.yaml").is_file() and (run_dir / "results.json").is_file()
     assert list((run_dir / "images").glob("recon_*.png"))
+
+    # Restoring puts back the discriminator, the EMA and both optimizers exactly.
+    seen = {}
+
+    class Capture(pl.Callback):
+        def on_train_start(self, trainer, module):
+            seen["state"] = {k: v.clone() for k, v in module.state_dict().items()}
+            seen["opts"] = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+
+    cli = VistokCLI([*base[1:], "--trainer.max_steps=4"])
+    cli.trainer.callbacks.append(Capture())
+    cli.trainer.fit(
+        cli.model, datamodule=cli.datamodule, ckpt_path=str(run_dir / "checkpoints/last.ckpt")
+    )
+    for prefix in ("loss.discriminator.", "ema.shadow_", "tokenizer."):
+        keys = [k for k in first["state_dict"] if k.startswith(prefix)]
+        assert keys and all(torch.equal(seen["state"][k], first["state_dict"][k]) for k in keys)
+    for restored, saved in zip(seen["opts"], first["optimizer_states"]):
+        step = next(iter(saved["state"].values()))["exp_avg"]
+        assert torch.equal(next(iter(restored["state"].values()))["exp_avg"], step)
 
     run([*base, "--trainer.max_steps=6", "--ckpt_path=last"])
     second = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
