@@ -1,10 +1,12 @@
 """Does RobusTok's latent perturbation lower pFID? The CPU-sized experiment.
 
-    python bench/perturbation_pfid.py [--steps 300] [--resolution 64] [--num-images 256]
-        [--beta 0.25] [--out runs/bench_perturbation_pfid] [--extra --key=value ...]
+    python bench/perturbation_pfid.py [--steps 300] [--resolution 32] [--preset f8_c16384]
+        [--num-images 256] [--beta 0.25] [--out runs/bench_perturbation_pfid]
+        [--extra --key=value ...]
 
 Trains the same VQ tokenizer twice through the real CLI (``tokenizer/vq.yaml`` +
-``presets/cpu_small.yaml``, same seed, same data: the embedded dataset), once plain and once with
+``presets/cpu_small.yaml`` at 32 px with the f8 preset: 4 x 4 tokens, 16384 codes; same seed,
+same data: the embedded dataset), once plain and once with
 ``perturb/robustok.yaml``, whose schedule is moved to steps so it fits the short run: strength 1
 until 1/3 of the run, then linear to 0.5 at 5/6 of it (RobusTok's 40 -> 120 of ~150 epochs,
 scaled). ``beta`` is raised from RobusTok's 0.1 because floor(0.1 x 8) perturbs no image of a
@@ -44,6 +46,7 @@ def train(run_dir: Path, args, perturbed: bool) -> float:
         f"--run_dir={run_dir}",
         f"--data.init_args.resolution={args.resolution}",
         f"--model.init_args.tokenizer.init_args.resolution={args.resolution}",
+        f"--model.init_args.tokenizer.init_args.preset={args.preset}",
         f"--trainer.max_steps={steps}",
         f"--trainer.val_check_interval={steps}",  # validate (and evaluate) at the end only
         "--trainer.limit_val_batches=1",
@@ -82,7 +85,8 @@ def last_evaluation(run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--preset", default="f8_c16384", help="VQ preset (tokenizers/vq.py)")
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--fid-feature", type=int, default=2048)
     parser.add_argument("--beta", type=float, default=0.25)
