@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from vistok.common.checkpoints import read_checkpoint
 from vistok.common.hub import CARD, push_folder, save_pretrained
 
 
@@ -97,10 +98,9 @@ def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
     if ema and not loaded.identity["ema"]:
         raise ValueError(f"{ckpt} has no EMA weights: export without --ema")
     run = run_folder(ckpt)
-    from vistok.common.checkpoints import read_checkpoint
-
     info = {
         "info": loaded.tokenizer.describe(),
+        "source_sha256": loaded.identity["sha256"],
         "weights": "ema" if ema else "raw",
         "source": ckpt.name,
         "global_step": read_checkpoint(ckpt).get("global_step"),
@@ -117,6 +117,47 @@ def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
     return folder
 
 
+def export_generator(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
+    """The GPT, and its tokenizer in ``tokenizer/`` (checked against the recorded hash), so the
+    folder samples on its own."""
+    from vistok.generators.inference import load_generator, resolve_tokenizer
+
+    gen = load_generator(str(ckpt), ema=ema)
+    recorded = gen.hparams["tokenizer_identity"]
+    tok = resolve_tokenizer(recorded)
+    gpt, args = gen.gpt, gen.gpt.config["init_args"]
+    info = {
+        "info": {
+            "family": type(gpt).__name__,
+            "code_space": args["code_space"],
+            "token_shape": args["token_shape"],
+            "resolution": tok.tokenizer.resolution,
+            "num_classes": gpt.num_classes,
+        },
+        "weights": "ema" if gen.identity["ema"] else "raw",
+        "source": Path(ckpt).name,
+        "source_sha256": gen.identity["sha256"],
+        "global_step": read_checkpoint(ckpt).get("global_step"),
+        "training_data": "codes pre-extracted with the tokenizer in tokenizer/",
+        "tokenizer_identity": recorded,
+    }
+    folder = save_pretrained(gpt, out, "generator", info)
+    tok_info = {
+        "info": tok.tokenizer.describe(),
+        "source_sha256": recorded["sha256"],
+        "weights": "ema" if tok.identity["ema"] else "raw",
+    }
+    save_pretrained(tok.tokenizer, folder / "tokenizer", "tokenizer", tok_info)
+    config = json.loads((folder / "config.json").read_text())
+    usage = (
+        "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
+        "--num-images 50000 --cfg 2.0 --out samples/\n```\n"
+    )
+    card = model_card(config, None, None)
+    (folder / CARD).write_text(card[: card.index("## Use")] + usage)
+    return folder
+
+
 def export(
     ckpt: str,
     out: str,
@@ -126,7 +167,13 @@ def export(
     private: bool = False,
     api=None,
 ) -> Path:
-    folder = export_tokenizer(ckpt, out, ema)
+    hparams = read_checkpoint(ckpt).get("hyper_parameters") or {}
+    if "gpt_config" in hparams:
+        folder = export_generator(ckpt, out, ema)
+    elif "tokenizer" in hparams:
+        folder = export_tokenizer(ckpt, out, ema)
+    else:
+        raise ValueError(f"{ckpt} is neither a tokenizer nor a generator training checkpoint")
     if push:
         if not repo_id:
             raise ValueError("--push needs --repo-id user/name")

@@ -81,7 +81,21 @@ def read_tokenizer(
 ) -> TokenizerCheckpoint:
     """Rebuild a tokenizer from a ``TokenizerModule`` checkpoint: its config from
     ``hyper_parameters["tokenizer"]``, its weights (``tokenizer.*``) loaded strictly, then the EMA
-    shadows (``ema.shadow_<i>``) copied in when ``ema`` is set and the checkpoint has them."""
+    shadows (``ema.shadow_<i>``) copied in when ``ema`` is set and the checkpoint has them.
+
+    An exported folder (or Hub id) is read as exported; its identity is the checkpoint it was
+    exported from, so codes and generators stay paired across export."""
+    if not str(path).endswith(".ckpt"):
+        from vistok.common.hub import load_pretrained
+
+        tokenizer, config = load_pretrained(path, kind="tokenizer", device=device)
+        identity = {
+            "path": str(path),
+            "sha256": config.get("source_sha256"),
+            "class_path": config["model"]["class_path"],
+            "ema": config.get("weights") == "ema",
+        }
+        return TokenizerCheckpoint(tokenizer, identity)
     ckpt = read_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     config = hparams.get("tokenizer")

@@ -44,7 +44,20 @@ class GeneratorCheckpoint(NamedTuple):
 
 
 def load_generator(path: str, ema: bool | None = None, device="cpu") -> GeneratorCheckpoint:
-    """GPT (eval mode) from an ``ARModule`` checkpoint; EMA weights by default when present."""
+    """GPT (eval mode) from an ``ARModule`` checkpoint (EMA weights by default when present), or
+    from an exported folder / Hub id (with the weights it was exported with)."""
+    if not str(path).endswith(".ckpt"):
+        from vistok.common.hub import WEIGHTS, load_pretrained, resolve_folder
+
+        folder = resolve_folder(path)
+        gpt, config = load_pretrained(folder, kind="generator", device=device)
+        recorded = {**config["tokenizer_identity"], "folder": str(folder / "tokenizer")}
+        identity = {
+            "path": str(folder),
+            "sha256": file_sha256(folder / WEIGHTS),
+            "ema": config.get("weights") == "ema",
+        }
+        return GeneratorCheckpoint(gpt, {"tokenizer_identity": recorded}, identity)
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
     if "gpt_config" not in hp or "tokenizer_identity" not in hp:
@@ -62,12 +75,22 @@ def load_generator(path: str, ema: bool | None = None, device="cpu") -> Generato
             for i, param in enumerate(gpt.parameters()):
                 param.copy_(shadows[f"shadow_{i}"])
     identity = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "ema": use_ema}
-    return GeneratorCheckpoint(gpt.eval().to(device), hp, identity)
+    return GeneratorCheckpoint(gpt.eval().requires_grad_(False).to(device), hp, identity)
 
 
 def resolve_tokenizer(recorded: dict, path: str | None = None, device="cpu") -> TokenizerCheckpoint:
-    """The generator's tokenizer: ``path`` or the recorded one, refused if its hash differs."""
-    chosen = path or recorded["path"]
+    """The generator's tokenizer: ``path``, the one exported beside it, or the recorded one;
+    refused if its hash (for an exported tokenizer: its source checkpoint's) differs."""
+    chosen = path or recorded.get("folder") or recorded["path"]
+    if not str(chosen).endswith(".ckpt"):
+        tok = read_tokenizer(chosen, device=device)
+        if tok.identity["sha256"] != recorded["sha256"]:
+            raise TokenizerMismatch(
+                f"tokenizer {chosen} was exported from a checkpoint with sha256 "
+                f"{str(tok.identity['sha256'])[:12]}, not the one this generator was trained on "
+                f"({recorded['path']}, sha256 {recorded['sha256'][:12]})"
+            )
+        return tok
     if not Path(chosen).is_file():
         raise FileNotFoundError(
             f"tokenizer checkpoint {chosen} not found; pass --tokenizer (its sha256 must be "

@@ -330,3 +330,30 @@ def test_tokenizer_codes_generator_samples_through_the_real_clis(tmp_path, monke
         ]
     )
     assert np.array_equal(np.load(tmp_path / "ddp" / "samples.npz")["arr_0"], arr)
+
+    # Exported (generator + its tokenizer in one folder): sample.py gives the same images.
+    exported = tmp_path / "exported"
+    run(["export.py", "--ckpt", gen_ckpt, "--out", str(exported), "--ema"])
+    assert (exported / "tokenizer" / "model.safetensors").is_file()
+    from_folder = [*sample[:2], str(exported), *sample[3:], "--fid", "off"]
+    run([*from_folder, "--out", str(tmp_path / "from_folder")])
+    assert np.array_equal(np.load(tmp_path / "from_folder" / "samples.npz")["arr_0"], arr)
+    # Codes extracted with the exported tokenizer keep the checkpoint's identity.
+    run(
+        [
+            "-m",
+            "vistok.data.extract_codes",
+            "--tokenizer",
+            str(exported / "tokenizer"),
+            "--shards",
+            shards,
+            "--out",
+            str(tmp_path / "codes2"),
+            "--split",
+            "val",
+            "--num-workers",
+            "0",
+        ]
+    )
+    meta2 = json.loads((tmp_path / "codes2" / "meta.json").read_text())
+    assert meta2["tokenizer"]["sha256"] == file_sha256(tok_ckpt)

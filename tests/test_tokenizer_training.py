@@ -11,7 +11,7 @@ FAMILIES = [
     "tokenizer/binary.yaml",
     "tokenizer/kl.yaml",
 ]
-STEPS = 200
+STEPS = 300
 
 
 @pytest.mark.slow
