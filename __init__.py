@@ -19,3 +19,13 @@ def load_tokenizer(src: str, device: str = "cpu", ema: bool = True):
     from vistok.common.hub import load_pretrained
 
     return load_pretrained(src, kind="tokenizer", device=device)[0]
+
+
+def load_generator(src: str, device: str = "cpu", ema: bool | None = None):
+    """(generator, tokenizer), frozen, from an exported folder, a Hub repo id or a training
+    checkpoint; the tokenizer is the one the generator was trained with (checked by hash)."""
+    from vistok.generators.inference import load_generator as load
+    from vistok.generators.inference import resolve_tokenizer
+
+    gen = load(src, ema=ema, device=device)
+    return gen.gpt, resolve_tokenizer(gen.hparams["tokenizer_identity"], device=device).tokenizer
