@@ -82,10 +82,12 @@ def _evaluated(metrics: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_vq_through_the_cli_reproducible_and_same_in_two_processes(split):
+def test_vq_through_the_cli_reproducible_and_same_in_two_processes(split, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the subprocesses: 1 thread is faster here
     tmp = split["tmp"]
     fit_dir = tmp / "vq_fit"
-    run(["train.py", *_args("vq", split, fit_dir, grid=4), "--trainer.max_steps=1"])
+    steps = ["--trainer.max_steps=1", "--trainer.val_check_interval=1"]
+    run(["train.py", *_args("vq", split, fit_dir, grid=4), *steps])
     fitted = _entry(fit_dir)
     m, proto = fitted["metrics"], fitted["protocol"]["reconstruction_eval"]
     assert EXPECTED["vq"] <= set(m)

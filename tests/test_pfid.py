@@ -1,10 +1,10 @@
 """pFID as defined in ``evaluation/pfid.py``.
 
 Without Inception: per-image draws that ignore batching and order (what makes 2 processes equal
-1), strength 0 decoding exactly the reconstruction, seeded decoder noise. Through the real CLI
-on a briefly trained VQ tokenizer and a 12-image validation split: ``--evaluate`` twice gives
-the same numbers, pFID@0 = rFID, pFID@1 > rFID, and a 2-process torchrun gives the numbers of 1
-process.
+1; the 2-process run itself is in ``test_eval_callbacks.py``), strength 0 decoding exactly the
+reconstruction, seeded decoder noise. With Inception, through Lightning: on a tokenizer whose
+reconstructions are real (VQ over a fitted colour palette, so no training run is needed),
+pFID@0 = rFID and pFID grows with the strength.
 """
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     ys = torch.randint(0, photo.shape[1] - size, (n,), generator=g)
     xs = torch.randint(0, photo.shape[2] - size, (n,), generator=g)
     return torch.stack([photo[:, y : y + size, x : x + size] for y, x in zip(ys, xs)])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Inception on a shared 2-core machine: 1 thread is faster
+    yield
+    torch.set_num_threads(threads)
 
 
 def _tokenizer(name: str):
