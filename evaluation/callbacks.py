@@ -120,6 +120,7 @@ class ReconstructionEval(pl.Callback):
         self.dataset_id, self.stats_dir = dataset_id, stats_dir
         self.protocol: dict[str, Any] | None = None  # read by ResultsJSON
         self._last_step = 0
+        self._logged: set[str] = set()
         self._fids: dict[str, FID] = {}  # "rfid" and one per strength, sharing one Inception
         self._reference: dict[str, Any] | None = None
         self._lpips = None
@@ -130,6 +131,15 @@ class ReconstructionEval(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", 0))
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._due(trainer):
+            return
+        # No evaluation at this validation: Lightning keeps the last logged values, and
+        # results.json would record them again under this step.
+        for name in self._logged:
+            trainer.callback_metrics.pop(name, None)
+        self.protocol = None
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self._due(trainer):
@@ -149,6 +159,7 @@ class ReconstructionEval(pl.Callback):
         for name, value in values.items():
             # Already reduced over processes: every rank holds the same number.
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self._logged = set(values)
         if grid and trainer.is_global_zero:
             path = (
                 Path(trainer.default_root_dir) / "images" / f"perturb_{trainer.global_step:07d}.png"

@@ -141,6 +141,8 @@ def test_each_code_space_logs_what_applies_to_it(family, split, tmp_path):
     args += ["--trainer.callbacks.init_args.num_images=6"]  # a prefix: 6 of the 12 images
     cli = VistokCLI(args)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ReconstructionEval)]
+    assert len({id(f.inception) for f in callback._fids.values()}) == 1  # one shared network
     m = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k in EVAL_KEYS}
     expected = EXPECTED[family] - {"val/pfid@0"}
     assert set(m) == expected
@@ -174,6 +176,14 @@ def test_due_every_n_steps_and_always_when_evaluating():
     restored.load_state_dict(cb.state_dict())
     fit.global_step = 350
     assert not restored._due(fit)
+
+    # A validation that does not evaluate drops the previous evaluation's numbers (else
+    # results.json would record them again under the new step) and its protocol.
+    cb._logged, cb.protocol = {"val/rfid", "val/pfid"}, {"reconstruction_eval": {}}
+    fit.sanity_checking = False
+    fit.callback_metrics = {"val/rfid": 3.0, "val/pfid": 4.0, "val/l1": 0.1}
+    cb.on_validation_epoch_start(fit, None)
+    assert fit.callback_metrics == {"val/l1": 0.1} and cb.protocol is None
 
 
 def test_strengths_are_checked_and_the_headline_is_always_on_the_curve():
