@@ -55,7 +55,7 @@ DEFINITIONS = {
     "rfid": "FID(reconstructions, originals) of the evaluated images; Inception pool3",
     "pfid": "FID(decode(codes_to_latents(perturb(codes, s, per-image generator))), originals); "
     "see vistok.evaluation.pfid",
-    "psnr_full": "mean over images of per-image PSNR (RGB, all pixels, uint8-range clamp)",
+    "psnr_full": "mean over images of per-image PSNR (RGB, all pixels, clamped to [-1, 1])",
     "ssim": "mean SSIM, Gaussian window 11, sigma 1.5, images mapped to [0, 1]",
     "lpips": "mean LPIPS-VGG (v0.1 linear heads) at the evaluated resolution",
     "codebook_usage": "fraction of codes (per group, averaged) used at least once in the pass",
@@ -383,7 +383,8 @@ class ReconstructionEval(pl.Callback):
                 "headline": self.headline,
                 "seed": self.seed,
                 "per_image_seed": "sha256(f'{seed}|{strength}|{image key}')[:8] (63 bits)",
-                "rule": f"{type(quantizer).__name__}.perturb: alpha = s, delta = int(100 s)",
+                "rule": f"{type(quantizer).__name__}.perturb: alpha = s, "
+                f"delta = int({getattr(quantizer, 'perturb_max_delta', 100)} s)",
             }
             if discrete
             else None,
