@@ -131,7 +131,9 @@ class TokenizerModule(pl.LightningModule):
         self.manual_backward(g_loss)
         self._clip(opt_g)
         opt_g.step()
-        self._step_schedulers()
+        scheds = self.lr_schedulers()
+        scheds = scheds if isinstance(scheds, list) else [scheds]
+        scheds[0].step()
         if self.ema is not None:
             self.ema.update()
 
@@ -141,6 +143,7 @@ class TokenizerModule(pl.LightningModule):
             self.manual_backward(d_loss)
             self._clip(opt_d)
             opt_d.optimizer.step()  # unwrapped on purpose: keeps global_step = generator steps
+            scheds[1].step()
             logs.update(d_logs)
 
         logs.update({f"quant/{k}": v for k, v in q.stats.items()})
@@ -151,12 +154,6 @@ class TokenizerModule(pl.LightningModule):
     def _clip(self, optimizer) -> None:
         if self.hparams.grad_clip:
             self.clip_gradients(optimizer, self.hparams.grad_clip, "norm")
-
-    def _step_schedulers(self) -> None:
-        scheds = self.lr_schedulers()
-        for s in scheds if isinstance(scheds, list) else [scheds]:
-            if s is not None:
-                s.step()
 
     def configure_optimizers(self):
         hp = self.hparams
