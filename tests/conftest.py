@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KMP_BLOCKTIME", "0")  # see Makefile
 
 import torch  # noqa: E402  (after the OpenMP setting)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parent.parent
