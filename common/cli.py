@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,6 +26,10 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from vistok.common.results import ResultsJSON
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Checkpoints are taken after a whole manual step (generator and discriminator), which is the
+# state a resume needs; Lightning's warning about pre-optimization state does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def _find_config(value: str) -> Path:
