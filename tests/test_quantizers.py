@@ -302,7 +302,7 @@ def _restart_rank(rank, path):
 
 def test_vq_restart_identical_across_ranks(tmp_path):
     torch.multiprocessing.spawn(_restart_rank, args=(str(tmp_path),), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert torch.equal(r0["codebook"], r1["codebook"])
     tokens = torch.cat([r["z"][0].t() for r in (r0, r1)])  # both ranks' encoder outputs
     assert all((tokens - row).abs().sum(-1).min() < 1e-6 for row in r0["codebook"][8:])
