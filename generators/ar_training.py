@@ -13,7 +13,6 @@ trainer: ``gradient_clip_val``), optional warmup, cosine decay and EMA.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -24,6 +23,7 @@ from torchmetrics import MeanMetric
 from vistok.common.checkpoints import config_differences
 from vistok.common.ema import EMA
 from vistok.common.images import save_grid
+from vistok.common.schedule import warmup_cosine
 from vistok.data.codes import read_tokenizer
 from vistok.generators.ar import GPT
 from vistok.generators.sampling import SamplingConfig, generate
@@ -140,18 +140,7 @@ class ARModule(pl.LightningModule):
 
     def _lr_factor(self, total_steps: int):
         hp = self.hparams
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "constant" or total_steps <= hp.warmup_steps:
-                return 1.0
-            progress = min(1.0, (step - hp.warmup_steps) / (total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-
-        return factor
+        return warmup_cosine(hp.warmup_steps, total_steps, hp.lr_schedule, hp.min_lr_ratio)
 
     # --- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

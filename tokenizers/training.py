@@ -15,7 +15,6 @@ Stages:
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from vistok.common.checkpoints import config_differences, load_tokenizer_weights
 from vistok.common.configurable import instantiate
 from vistok.common.ema import EMA
 from vistok.common.images import save_grid
+from vistok.common.schedule import warmup_cosine
 from vistok.losses.tokenizer_loss import TokenizerLoss
 from vistok.tokenizers.perturbation import LatentPerturbation
 from vistok.tokenizers.tokenizer import Tokenizer
@@ -176,18 +176,7 @@ class TokenizerModule(pl.LightningModule):
 
     def _lr_factor(self, total_steps: int):
         hp = self.hparams
-
-        def factor(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "constant" or total_steps <= hp.warmup_steps:
-                return 1.0
-            progress = min(1.0, (step - hp.warmup_steps) / (total_steps - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-
-        return factor
+        return warmup_cosine(hp.warmup_steps, total_steps, hp.lr_schedule, hp.min_lr_ratio)
 
     # --- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
