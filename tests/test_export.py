@@ -13,6 +13,8 @@ from vistok.common.export import export
 from vistok.common.hub import load_pretrained, save_pretrained
 from vistok.tokenizers.binary import BINARY_PRESETS, BinaryTokenizer
 from vistok.tokenizers.gaussian import KL_PRESETS, KLTokenizer
+from vistok.tokenizers.gpstoken import GPSTOKEN_PRESETS, GPSToken
+from vistok.tokenizers.titok import TOKENIZER_1D_PRESETS, Tokenizer1D
 from vistok.tokenizers.vq import VQ_PRESETS, VQTokenizer
 from vistok.tokenizers.wetok import WETOK_PRESETS, WeTok
 
@@ -24,9 +26,16 @@ PRESETS = [
         (WeTok, WETOK_PRESETS),
         (BinaryTokenizer, BINARY_PRESETS),
         (KLTokenizer, KL_PRESETS),
+        (Tokenizer1D, TOKENIZER_1D_PRESETS),
+        (GPSToken, GPSTOKEN_PRESETS),
     ]
     for name in presets
 ]
+# Families whose size arguments differ from the CNN ones.
+SMALL_FOR = {
+    Tokenizer1D: dict(channels=16, num_res_blocks=1, resolution=32, patch_size=8),
+    GPSToken: dict(SMALL, width=32, depth=1),
+}
 
 
 @pytest.mark.parametrize("cls, preset", PRESETS, ids=[f"{c.__name__}-{p}" for c, p in PRESETS])
@@ -34,7 +43,7 @@ def test_export_load_round_trip_is_bit_identical(cls, preset, tmp_path):
     torch.manual_seed(0)
     # Frozen like the loaded copy: requires_grad changes which CPU kernels run (last-bit float
     # differences), and bit-identity is the claim.
-    tok = cls(preset=preset, **SMALL).eval().requires_grad_(False)
+    tok = cls(preset=preset, **SMALL_FOR.get(cls, SMALL)).eval().requires_grad_(False)
     save_pretrained(tok, tmp_path, "tokenizer", {"info": tok.describe()})
     loaded = load_tokenizer(str(tmp_path))
     assert loaded.config == tok.config

@@ -1,0 +1,169 @@
+"""ViT encoder and decoder for 1D tokenizers, built from timm's transformer ``Block``.
+
+TiTok (Yu et al. 2024, "An Image is Worth 32 Tokens", https://arxiv.org/abs/2406.07550): the
+encoder runs over [patch tokens, K learnable latent tokens] and keeps only the K latents; the
+decoder runs over [a learned mask token at every patch position, the K latents] and reads the
+image back from the patch positions; attention is full. FlexTok (Bachmann et al. 2025,
+https://arxiv.org/abs/2502.13967) orders the latents with causal attention among them
+(``causal_latents``) and trains with nested dropout, so that any prefix of k tokens decodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from vistok.common.configurable import Configurable
+
+
+def latent_attention_mask(num_patches: int, num_latents: int, causal: bool, device) -> Tensor:
+    """Boolean mask (L, L), True = may attend, for the sequence [patches, latents].
+
+    Patches attend to patches only, so a patch's features do not depend on any latent; latent i
+    attends to every patch and to latents j <= i (``causal``) or to all latents. With the causal
+    mask latent i is a function of the image and the latents before it: the ordering FlexTok's
+    nested dropout relies on.
+    """
+    n, k = num_patches, num_latents
+    mask = torch.ones(n + k, n + k, dtype=torch.bool, device=device)
+    mask[:n, n:] = False
+    if causal:
+        mask[n:, n:] = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def keep_prefix(x: Tensor, mask_token: Tensor, num_tokens: Tensor | int | None) -> Tensor:
+    """Tokens (B, K, D): positions >= num_tokens (per sample (B,) or one int) become mask_token."""
+    if num_tokens is None:
+        return x
+    b, k, _ = x.shape
+    # Checked where it costs no device sync: ints and CPU tensors (sampled lengths are valid).
+    if not (isinstance(num_tokens, Tensor) and num_tokens.device.type != "cpu"):
+        given = torch.as_tensor(num_tokens)
+        if ((given < 1) | (given > k)).any():
+            raise ValueError(f"num_tokens must be in [1, {k}], got {num_tokens}")
+    keep = torch.as_tensor(num_tokens, device=x.device).reshape(-1, 1)  # (B or 1, 1)
+    kept = torch.arange(k, device=x.device)[None] < keep  # (B, K)
+    return torch.where(kept[..., None], x, mask_token.to(x.dtype).expand(b, k, -1))
+
+
+def sincos_2d(grid: int, width: int) -> Tensor:
+    """(grid * grid, width) 2D sine-cosine position code (MAE's initialisation), row-major."""
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / max(quarter, 1))
+    pos = torch.arange(grid, dtype=torch.float64)
+    y, x = torch.meshgrid(pos, pos, indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (x, y) for f in (torch.sin, torch.cos)]
+    code = torch.cat(parts, dim=1)  # (grid^2, 4 * quarter)
+    return torch.cat([code, code.new_zeros(grid * grid, width - code.shape[1])], 1).float()
+
+
+def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
+    return nn.ModuleList(
+        Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)
+    )
+
+
+def _run(blocks: nn.ModuleList, x: Tensor, mask: Tensor | None) -> Tensor:
+    for block in blocks:
+        x = block(x, attn_mask=mask)
+    return x
+
+
+class ViTEncoder(Configurable, nn.Module):
+    """Images (B, 3, H, W) -> latent tokens (B, z_channels, K)."""
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        num_latents: int = 32,
+        z_channels: int = 12,
+        mlp_ratio: float = 4.0,
+        causal_latents: bool = False,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.num_latents, self.z_channels = num_latents, z_channels
+        self.causal_latents = causal_latents
+        self.num_patches = (image_size // patch_size) ** 2
+        scale = width**-0.5
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        # Learned, but started from a 2D sine-cosine code so patches know where they are at once.
+        self.pos_embed = nn.Parameter(sincos_2d(image_size // patch_size, width))
+        self.latents = nn.Parameter(scale * torch.randn(num_latents, width))
+        self.blocks = _blocks(width, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, z_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(
+                f"the encoder was built for {self.image_size} px images, got {tuple(x.shape[-2:])}"
+            )
+        patches = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
+        latents = self.latents.expand(x.shape[0], -1, -1)  # (B, K, D)
+        seq = torch.cat([patches, latents], dim=1)  # (B, N + K, D)
+        mask = None  # full attention over [patches, latents], as in TiTok
+        if self.causal_latents:
+            mask = latent_attention_mask(self.num_patches, self.num_latents, True, x.device)
+        seq = _run(self.blocks, seq, mask)
+        z = self.proj(self.norm(seq[:, self.num_patches :]))  # (B, K, z_channels)
+        return rearrange(z, "b k c -> b c k")
+
+
+class ViTDecoder(Configurable, nn.Module):
+    """Latent tokens (B, z_channels, K) -> images (B, 3, H, W).
+
+    ``num_tokens`` (an int or a (B,) tensor) keeps only the first k latents and puts a learned
+    mask token in place of the rest (nested dropout at train time, prefix decoding at test time).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        num_latents: int = 32,
+        z_channels: int = 12,
+        mlp_ratio: float = 4.0,
+        out_channels: int = 3,
+    ):
+        super().__init__()
+        self.image_size, self.patch_size = image_size, patch_size
+        self.num_latents, self.z_channels = num_latents, z_channels
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid**2
+        scale = width**-0.5
+        self.embed = nn.Linear(z_channels, width)
+        self.latent_pos = nn.Parameter(scale * torch.randn(num_latents, width))
+        self.dropped_token = nn.Parameter(scale * torch.randn(width))  # stands for dropped latents
+        self.mask_token = nn.Parameter(scale * torch.randn(width))  # every patch position
+        self.pos_embed = nn.Parameter(sincos_2d(self.grid, width))
+        self.blocks = _blocks(width, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, patch_size * patch_size * out_channels)
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.head.weight
+
+    def forward(self, z: Tensor, num_tokens: Tensor | int | None = None) -> Tensor:
+        b = z.shape[0]
+        latents = self.embed(rearrange(z, "b c k -> b k c"))  # (B, K, D)
+        latents = keep_prefix(latents, self.dropped_token, num_tokens) + self.latent_pos
+        patches = (self.mask_token + self.pos_embed).expand(b, -1, -1)  # (B, N, D)
+        seq = _run(self.blocks, torch.cat([patches, latents], dim=1), None)  # (B, N + K, D)
+        out = self.head(self.norm(seq[:, : self.num_patches]))  # (B, N, p*p*3)
+        p = self.patch_size
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=p, q=p)

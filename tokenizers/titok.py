@@ -1,0 +1,223 @@
+"""1D tokenizers: an image becomes K tokens in a sequence, not a grid.
+
+- TiTok (Yu et al. 2024, https://arxiv.org/abs/2406.07550): ViT encoder over [patches, K latent
+  tokens], l2-normalised VQ 4096 x 12, ViT decoder from mask tokens on the patch grid. Paper
+  rFID (ImageNet 256): L32 2.21, B64 1.70, S128 1.71.
+- FlexTok (Bachmann et al. 2025, https://arxiv.org/abs/2502.13967): ordered tokens of flexible
+  length. Causal attention among the latents plus nested dropout (keep the first k tokens, replace
+  the rest by a learned token; k uniform or a power of two), FSQ codes; any prefix decodes. The
+  paper's decoder is a rectified-flow model; here it is the same ViT decoder as TiTok's.
+- 1D binary (Instella-T2I, Wang et al. 2025, https://arxiv.org/abs/2506.21022): 128 latent tokens
+  of 64 Bernoulli bits each, for the binary-head AR generator or Bernoulli diffusion.
+
+``channels`` (the transformer width) and ``num_res_blocks`` (transformer blocks in each of the
+encoder and the decoder) share their names with the CNN families so that one size override,
+``presets/cpu_small.yaml``, shrinks every tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vistok.tokenizers.nets.vit import ViTDecoder, ViTEncoder
+from vistok.tokenizers.quantizers.base import Quantizer
+from vistok.tokenizers.quantizers.bernoulli import BernoulliQuantizer
+from vistok.tokenizers.quantizers.fsq import FSQ
+from vistok.tokenizers.quantizers.gaussian import DiagonalGaussian
+from vistok.tokenizers.quantizers.vq import VectorQuantizer
+from vistok.tokenizers.tokenizer import Tokenizer, resolve_preset
+
+QuantizerName = Literal["vq", "fsq", "bernoulli", "kl"]
+NestedDropout = Literal["none", "uniform", "pow2"]
+
+
+def sample_num_tokens(
+    batch: int, num_latents: int, mode: NestedDropout, generator=None, device=None
+) -> Tensor | None:
+    """Per-sample prefix lengths k (B,) for nested dropout; None when ``mode`` is "none".
+
+    "uniform": k uniform on 1..K; "pow2": k uniform on {1, 2, 4, ..., K} (K itself is always a
+    choice, a power of two or not).
+    """
+    if mode == "none":
+        return None
+    if mode == "uniform":
+        choices = torch.arange(1, num_latents + 1)
+    elif mode == "pow2":
+        choices = torch.tensor(prefix_lengths(num_latents))
+    else:
+        raise ValueError(f"nested_dropout must be 'none', 'uniform' or 'pow2', got {mode!r}")
+    pick = torch.randint(len(choices), (batch,), generator=generator)
+    return choices[pick].to(device)
+
+
+def prefix_lengths(num_latents: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``num_latents``: the prefix lengths FlexTok evaluates."""
+    lengths = [2**i for i in range(int(math.log2(num_latents)) + 1)]
+    return lengths if lengths[-1] == num_latents else [*lengths, num_latents]
+
+
+def _quantizer(name: QuantizerName, cfg: dict) -> Quantizer:
+    if name == "vq":
+        return VectorQuantizer(
+            dim=cfg["code_dim"],
+            codebook_size=cfg["codebook_size"],
+            l2_normalize=True,
+            commitment_weight=0.25,
+            ema_decay=cfg["ema_decay"],
+            dead_code_threshold=cfg["dead_code_threshold"],
+            restart_every=cfg["restart_every"],
+        )
+    if name == "fsq":
+        return FSQ(levels=cfg["levels"])
+    if name == "bernoulli":
+        return BernoulliQuantizer(bits=cfg["bits"], temperature=cfg["temperature"])
+    if name == "kl":
+        return DiagonalGaussian(channels=cfg["code_dim"], kl_weight=cfg["kl_weight"])
+    raise ValueError(f"quantizer must be one of vq, fsq, bernoulli, kl; got {name!r}")
+
+
+# --- presets (256 px) -------------------------------------------------------------------------
+_S = dict(channels=512, num_res_blocks=8, num_heads=8)  # TiTok's "S" (their ViT-S is 512 wide)
+_B = dict(channels=768, num_res_blocks=12, num_heads=12)
+_L = dict(channels=1024, num_res_blocks=24, num_heads=16)
+_VQ = dict(quantizer="vq", codebook_size=4096, code_dim=12)
+
+TOKENIZER_1D_PRESETS: dict[str, dict] = {
+    "titok_l32": dict(**_L, **_VQ, num_latents=32),
+    "titok_b64": dict(**_B, **_VQ, num_latents=64),
+    "titok_s128": dict(**_S, **_VQ, num_latents=128),
+    "titok_kl_b64": dict(_B, quantizer="kl", code_dim=16, num_latents=64),
+    # FSQ levels [8, 8, 8, 5, 5, 5]: 64,000 codes, FlexTok's choice.
+    "flextok_b256": dict(
+        _B,
+        quantizer="fsq",
+        levels=[8, 8, 8, 5, 5, 5],
+        num_latents=256,
+        nested_dropout="pow2",
+        causal_latents=True,
+    ),
+    "binary_b128": dict(_B, quantizer="bernoulli", bits=64, num_latents=128, temperature=0.1),
+}
+
+_DEFAULTS = dict(
+    patch_size=16,
+    codebook_size=4096,
+    code_dim=12,
+    levels=[8, 8, 8, 5, 5, 5],
+    bits=64,
+    temperature=1.0,
+    kl_weight=1e-6,
+    ema_decay=None,
+    dead_code_threshold=0.0,
+    restart_every=0,
+    nested_dropout="none",
+    causal_latents=False,
+    mlp_ratio=4.0,
+)
+
+
+class Tokenizer1D(Tokenizer):
+    """ViT encoder -> K latent tokens -> any quantizer -> ViT decoder; codes laid out (B, K, ...).
+
+    ``token_shape`` is ``(K,)``: the AR generator uses 1D RoPE over it. In training mode, with
+    ``nested_dropout`` set, each image of a batch is decoded from a random prefix of its tokens;
+    ``decode(latents, num_tokens=k)`` decodes from the first k at any time. Quantizer arguments
+    that do not apply to the chosen quantizer (``codebook_size`` for FSQ, ...) are unused, so
+    configs can stack on one another.
+    """
+
+    def __init__(
+        self,
+        preset: str = "titok_b64",
+        resolution: int = 256,
+        channels: int | None = None,
+        num_res_blocks: int | None = None,
+        num_heads: int | None = None,
+        patch_size: int | None = None,
+        num_latents: int | None = None,
+        quantizer: QuantizerName | None = None,
+        codebook_size: int | None = None,
+        code_dim: int | None = None,
+        levels: list[int] | None = None,
+        bits: int | None = None,
+        temperature: float | None = None,
+        kl_weight: float | None = None,
+        ema_decay: float | None = None,
+        dead_code_threshold: float | None = None,
+        restart_every: int | None = None,
+        nested_dropout: NestedDropout | None = None,
+        causal_latents: bool | None = None,
+        mlp_ratio: float | None = None,
+    ):
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preset")}
+        given.pop("resolution")
+        cfg = {**_DEFAULTS, **resolve_preset(TOKENIZER_1D_PRESETS, preset, **given)}
+        width = cfg["channels"]
+        heads = cfg.get("num_heads")
+        if num_heads is None and (heads is None or width % heads):
+            heads = max(1, width // 64)  # a narrowed preset keeps 64-wide heads
+        if width % heads:
+            raise ValueError(f"channels={width} is not divisible by num_heads={heads}")
+        q = _quantizer(cfg["quantizer"], cfg)
+        nets = dict(
+            image_size=resolution,
+            patch_size=cfg["patch_size"],
+            width=width,
+            depth=cfg["num_res_blocks"],
+            num_heads=heads,
+            num_latents=cfg["num_latents"],
+            mlp_ratio=cfg["mlp_ratio"],
+        )
+        # The encoder emits what the quantizer takes; the decoder embeds the quantized codes.
+        encoder = ViTEncoder(**nets, z_channels=q.in_channels, causal_latents=cfg["causal_latents"])
+        decoder = ViTDecoder(**nets, z_channels=q.code_space.channels)
+        super().__init__(encoder, q, decoder, resolution)
+        self.num_latents = cfg["num_latents"]
+        self.nested_dropout: NestedDropout = cfg["nested_dropout"]
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        return (self.num_latents,)
+
+    @property
+    def prefix_lengths(self) -> list[int]:
+        return prefix_lengths(self.num_latents)
+
+    def decode(
+        self,
+        latents: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        num_tokens: Tensor | int | None = None,
+    ) -> Tensor:
+        """Quantized latents (B, C, K) -> images; only the first ``num_tokens`` are used.
+
+        Without ``num_tokens``, training mode samples one prefix length per image (nested
+        dropout, when enabled) and eval mode uses all K.
+        """
+        if noise is not None:
+            raise ValueError("the 1D ViT decoder takes no noise input")
+        if num_tokens is None and self.training:
+            num_tokens = sample_num_tokens(
+                latents.shape[0], self.num_latents, self.nested_dropout, device=latents.device
+            )
+        return self.decoder(self.proj_out(latents), num_tokens=num_tokens)
+
+    @torch.no_grad()
+    def detokenize(
+        self,
+        codes: Tensor,
+        generator: torch.Generator | None = None,
+        num_tokens: int | None = None,
+    ) -> Tensor:
+        return self.decode(self.quantizer.codes_to_latents(codes), num_tokens=num_tokens)
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(nested_dropout=self.nested_dropout, prefix_lengths=self.prefix_lengths)
+        return info
