@@ -1,15 +1,18 @@
 """Pre-extracted tokenizer codes: the frozen tokenizer, the shard format, and their DataModule.
 
 A code folder (written by ``python -m vistok.data.extract_codes``) holds WebDataset shards
-``{split}-000000.tar`` ... and ``meta.json``. Each sample is ``codes.npy`` (int16 or int32, shape
-``(A, *token_shape[, F])``: A = 1 view, or 2 with ``--flip``: the image and its mirror, as in
+``{split}-000000.tar`` ... and ``meta.json``. Each sample is ``codes.npy`` (int16 or int32 codes
+of shape ``(A, *token_shape[, F])``, or float32 / float16 latents ``(A, channels, *token_shape)``
+for continuous tokenizers; A = 1 view, or 2 with ``--flip``: the image and its mirror, as in
 LlamaGen's extraction) and ``cls`` (the label, -1 when unlabelled). ``meta.json`` names the
 tokenizer that made the codes (path, SHA-256, whether EMA weights were used), its code space and
 token shape, and per split the shard names, sample count and number of classes, so that a
-generator can refuse codes from another tokenizer.
+generator can refuse codes from another tokenizer; for continuous latents also the per-channel
+``latent_stats`` (mean, std over every view and position) that diffusion generators normalise by.
 
-``CodeDataModule`` batches are dicts: ``codes`` (B, *token_shape[, F]) int64 (a random view per
-sample in training, the first in validation), ``label`` (B,) int64, ``key`` list[str]. Streams
+``CodeDataModule`` batches are dicts: ``codes`` (B, *token_shape[, F]) int64 or, for latents,
+(B, channels, *token_shape) float32 (a random view per sample in training, the first in
+validation), ``label`` (B,) int64, ``key`` list[str]. Streams
 work as in ``vistok.data.stream``: training cycles forever over each (rank, worker)'s shard subset
 through a shuffle buffer and the loader cuts ``batches_per_epoch`` batches per epoch on every
 rank; validation reads each sample once on exactly one rank.
@@ -60,6 +63,29 @@ def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file, memoised per (path, size, mtime): checkpoints are hashed once."""
     st = os.stat(path)
     return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+class LatentStats:
+    """Per-channel mean and std of latents (B, C, *S), accumulated in float64."""
+
+    def __init__(self):
+        self.total = self.squares = None
+        self.count = 0
+
+    def update(self, latents: np.ndarray) -> None:
+        x = np.moveaxis(np.asarray(latents, np.float64), 1, 0).reshape(latents.shape[1], -1)
+        total, squares = x.sum(1), np.square(x).sum(1)  # (C,)
+        if self.total is None:
+            self.total, self.squares = total, squares
+        else:
+            self.total, self.squares = self.total + total, self.squares + squares
+        self.count += x.shape[1]
+
+    def as_dict(self) -> dict[str, Any]:
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.squares / self.count - np.square(mean), 0.0))
+        # A channel the encoder never uses must not divide by zero.
+        return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(), "count": self.count}
 
 
 class TokenizerCheckpoint(NamedTuple):
@@ -139,8 +165,10 @@ def load_tokenizer_from_checkpoint(path: str | os.PathLike, ema: bool = True, de
 # meta.json
 
 
-def code_dtype(code_space: dict) -> np.dtype:
-    """int16 when every code value fits, else int32."""
+def code_dtype(code_space: dict, float16: bool = False) -> np.dtype:
+    """int16 when every code value fits, else int32; latents float32 (or float16)."""
+    if code_space["kind"] == "continuous":
+        return np.dtype(np.float16 if float16 else np.float32)
     top = 1 if code_space["kind"] == "bits" else code_space["vocab_size"] - 1
     return np.dtype(np.int16 if top <= np.iinfo(np.int16).max else np.int32)
 
@@ -273,7 +301,8 @@ class CodeStream(IterableDataset):
     def _collate(codes, labels, keys, counts: Counter) -> dict:
         skipped = dict(counts)
         counts.clear()
-        stacked = torch.from_numpy(np.stack(codes)).long() if codes else torch.empty(0)
+        stacked = torch.from_numpy(np.stack(codes)) if codes else torch.empty(0)
+        stacked = stacked.float() if stacked.is_floating_point() else stacked.long()
         return {
             "codes": stacked,
             "label": torch.tensor(labels, dtype=torch.long),

@@ -5,7 +5,9 @@
 
 Without ``--shards`` the embedded default dataset's ``--split`` is encoded. Images are
 centre-cropped to the tokenizer's resolution; ``--flip`` also stores the codes of the mirrored
-image (training then picks one of the two views at random). The tokenizer runs in eval mode with
+image (training then picks one of the two views at random). Continuous latents (KL, 1D or
+Gaussian tokens) are stored as float32 (``--float16`` halves the size) and the split's per-channel
+mean and std go into ``meta.json``. The tokenizer runs in eval mode with
 its EMA weights when the checkpoint has them (``--no-ema`` for the raw ones). Run it once per
 split into the same folder; ``meta.json`` there records the tokenizer's identity and refuses a
 different tokenizer. See ``vistok.data.codes`` for the format.
@@ -17,10 +19,19 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from vistok.data.codes import FORMAT, META, code_dtype, encode_codes, read_tokenizer
+from vistok.data.codes import (
+    FORMAT,
+    META,
+    LatentStats,
+    code_dtype,
+    decode_codes,
+    encode_codes,
+    read_tokenizer,
+)
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.make_shards import write_shards
 
@@ -31,7 +42,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _base_meta(out: Path, tokenizer, identity: dict) -> dict:
+def _base_meta(out: Path, tokenizer, identity: dict, float16: bool = False) -> dict:
     """The folder's meta.json, new or existing; refuses codes of another tokenizer."""
     fresh = {
         "format": FORMAT,
@@ -39,7 +50,7 @@ def _base_meta(out: Path, tokenizer, identity: dict) -> dict:
         "code_space": tokenizer.code_space.to_dict(),
         "token_shape": list(tokenizer.token_shape),
         "resolution": tokenizer.resolution,
-        "dtype": code_dtype(tokenizer.code_space.to_dict()).name,
+        "dtype": code_dtype(tokenizer.code_space.to_dict(), float16).name,
         "splits": {},
     }
     path = out / META
@@ -83,13 +94,14 @@ def extract(
     num_workers: int = 2,
     shard_size: int = 5000,
     device: str = "auto",
+    float16: bool = False,
 ) -> dict:
     """Encode ``shards`` (or the embedded dataset's ``split``) into ``out``; returns meta.json."""
     dev = pick_device(device)
     tokenizer, identity = read_tokenizer(tokenizer_path, ema, dev)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = _base_meta(out_dir, tokenizer, identity)
+    meta = _base_meta(out_dir, tokenizer, identity, float16)
     if shards is None:
         from vistok.data.default_dataset import default_shards
 
@@ -101,12 +113,16 @@ def extract(
         num_workers=num_workers,
     )
     loader = data.val_dataloader(rank=0, world_size=1)  # every image once, centre crop
-    dtype = code_dtype(meta["code_space"])
+    dtype = np.dtype(meta["dtype"])
+    continuous = meta["code_space"]["kind"] == "continuous"
     labels: list[int] = []
+    stats = LatentStats()
 
     def samples(progress):
         for sample, label in encoded_samples(tokenizer, loader, dev, flip, dtype, progress):
             labels.append(label)
+            if continuous:
+                stats.update(decode_codes(sample["codes.npy"]))  # (A, C, *S)
             yield sample
 
     with torch.inference_mode(), tqdm(unit="img", desc=f"{split} codes") as progress:
@@ -125,6 +141,8 @@ def extract(
         "source": shards,
         "skipped": data.val_stats.as_dict(),
     }
+    if continuous:
+        meta["splits"][split]["latent_stats"] = stats.as_dict()
     (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -141,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--float16", action="store_true", help="continuous latents as float16")
     a = p.parse_args(argv)
     meta = extract(
         a.tokenizer,
@@ -153,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.num_workers,
         a.shard_size,
         a.device,
+        a.float16,
     )
     info = meta["splits"][a.split]
     print(
