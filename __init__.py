@@ -28,4 +28,4 @@ def load_generator(src: str, device: str = "cpu", ema: bool | None = None):
     from vistok.generators.inference import resolve_tokenizer
 
     gen = load(src, ema=ema, device=device)
-    return gen.gpt, resolve_tokenizer(gen.hparams["tokenizer_identity"], device=device).tokenizer
+    return gen.model, resolve_tokenizer(gen.hparams["tokenizer_identity"], device=device).tokenizer

@@ -87,6 +87,29 @@ def _multi_process(trainer_config: dict) -> bool:
     return int(devices) > 1 if str(devices).isdigit() else False
 
 
+def native_precision(precision, accelerator, automatic_optimization: bool = True):
+    """``bf16-mixed`` (the default) where bf16 is native; otherwise the best that is: fp16 with
+    loss scaling on older GPUs (manual GAN steps cannot scale: fp32 there), fp32 when
+    ``accelerator: auto`` lands on a CPU without bf16 instructions (AVX512-BF16 / AMX), where
+    bf16 autocast is emulated and slower."""
+    import torch
+
+    if str(precision) not in ("bf16-mixed", "bf16"):
+        return precision
+    accelerator = str(accelerator or "auto")
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if cuda and torch.cuda.is_bf16_supported():
+        return precision
+    if cuda:
+        chosen = "16-mixed" if automatic_optimization else "32-true"
+    elif accelerator == "auto" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        chosen = "32-true"
+    else:  # a CPU with bf16 instructions, or bf16 asked for on an explicit accelerator
+        return precision
+    print(f"precision {precision} is not native on this {'GPU' if cuda else 'CPU'}: using {chosen}")
+    return chosen
+
+
 class VistokCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs):
         args = resolve_config_args(sys.argv[1:] if args is None else list(args))
@@ -126,6 +149,9 @@ class VistokCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         run_dir = self.run_dir
         config["default_root_dir"] = str(run_dir)
+        config["precision"] = native_precision(
+            config.get("precision"), config.get("accelerator"), self.model.automatic_optimization
+        )
         if config.get("strategy") in ("auto", "ddp") and _multi_process(config):
             if not self.model.automatic_optimization:
                 # Manual GAN steps leave some parameters out of each backward (the discriminator

@@ -106,6 +106,11 @@ def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
         "global_step": read_checkpoint(ckpt).get("global_step"),
         "training_data": _training_data(run),
     }
+    from vistok.tokenizers.posttrain import SOURCE_KEY, recorded_source
+
+    source = recorded_source(ckpt)
+    if source is not None:  # post-trained: the tokenizer whose codes it keeps, and their hash
+        info[SOURCE_KEY] = source
     folder = save_pretrained(loaded.tokenizer, out, "tokenizer", info)
     grids = sorted((run / "images").glob("recon_*.png")) if run else []
     image = None
@@ -149,9 +154,11 @@ def export_generator(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
     }
     save_pretrained(tok.tokenizer, folder / "tokenizer", "tokenizer", tok_info)
     config = json.loads((folder / "config.json").read_text())
+    # Each family's usual sampling settings (LlamaGen's CFG for AR, DiT's for diffusion).
+    flags = "--cfg 2.0" if type(gpt).__name__ == "GPT" else "--steps 50 --cfg 1.5"
     usage = (
         "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
-        "--num-images 50000 --cfg 2.0 --out samples/\n```\n"
+        f"--num-images 50000 {flags} --out samples/\n```\n"
     )
     card = model_card(config, None, None)
     (folder / CARD).write_text(card[: card.index("## Use")] + usage)
@@ -168,7 +175,7 @@ def export(
     api=None,
 ) -> Path:
     hparams = read_checkpoint(ckpt).get("hyper_parameters") or {}
-    if "gpt_config" in hparams:
+    if "gpt_config" in hparams or "generator_config" in hparams:  # AR or diffusion generator
         folder = export_generator(ckpt, out, ema)
     elif "tokenizer" in hparams:
         folder = export_tokenizer(ckpt, out, ema)

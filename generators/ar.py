@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vistok.common.configurable import Configurable
 from vistok.generators.heads import make_head
@@ -238,6 +239,8 @@ class GPT(Configurable, nn.Module):
             Block(self.dim, self.heads, dropout, True, multiple_of) for _ in range(self.depth)
         )
         self.norm = RMSNorm(self.dim)
+        # A training-time switch, not part of the model: recompute blocks in the backward pass.
+        self.activation_checkpointing = False
         angles = rope_angles(self.token_shape, self.dim // self.heads, rope_base)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)  # (1 + N, Dh/2)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
@@ -296,8 +299,12 @@ class GPT(Configurable, nn.Module):
                 f"positions up to {s + t} exceed the sequence length {self.num_tokens}"
             )
         rope = (self.rope_cos[s : s + t], self.rope_sin[s : s + t])
+        recompute = self.activation_checkpointing and self.training and start is None
         for block in self.blocks:
-            x = block(x, rope, start)
+            if recompute:
+                x = checkpoint(block, x, rope, None, use_reentrant=False)
+            else:
+                x = block(x, rope, start)
         return self.norm(x)
 
     def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -24,6 +24,7 @@ from vistok.common.checkpoints import config_differences
 from vistok.common.ema import EMA
 from vistok.common.images import save_grid
 from vistok.common.schedule import warmup_cosine
+from vistok.common.speed import SpeedOptions, compile_modules, fused_available, resolve
 from vistok.data.codes import read_tokenizer
 from vistok.generators.ar import GPT
 from vistok.generators.sampling import SamplingConfig, generate
@@ -54,6 +55,8 @@ class ARModule(pl.LightningModule):
         num_classes: class labels in the data (the null class is added on top).
         tokenizer_ema: the codes were made with the tokenizer's EMA weights (when it has them).
         sample_images / sample_cfg: sample grid written at each validation (0 images = none).
+        speed: compile / fused optimizer / activation checkpointing (``common.speed``); unset
+            switches take the accelerator's default.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class ARModule(pl.LightningModule):
         ema_decay: float | None = None,
         sample_images: int = 8,
         sample_cfg: float = 2.0,
+        speed: SpeedOptions | None = None,
     ):
         super().__init__()
         tok, identity = read_tokenizer(tokenizer, tokenizer_ema)
@@ -95,6 +99,11 @@ class ARModule(pl.LightningModule):
         meta = getattr(self.trainer.datamodule, "meta", None) if self.trainer else None
         if meta:
             check_codes_match(meta, self.identity, self.gpt)
+        device = self.trainer.strategy.root_device if self.trainer else self.device
+        self.speed = resolve(self.hparams.get("speed"), device)
+        self.gpt.activation_checkpointing = self.speed["activation_checkpointing"]
+        if self.speed["compile"] and stage == "fit":
+            compile_modules(self.gpt)  # training calls gpt(...); sampling uses the eager parts
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hp = checkpoint.get("hyper_parameters", {})
@@ -132,7 +141,8 @@ class ARModule(pl.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = bool(params) and params[0].is_cuda
+        speed = getattr(self, "speed", None) or resolve(hp.get("speed"), self.device)
+        fused = speed["fused_optimizer"] and fused_available(params)
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor(total))

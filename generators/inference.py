@@ -1,4 +1,8 @@
-"""Sampling images from a trained AR generator: what ``sample.py`` runs.
+"""Sampling images from a trained generator (AR or diffusion): what ``sample.py`` runs.
+
+The checkpoint says which kind it is: an AR GPT samples token by token (``generate``), a
+diffusion generator (flow matching or binary diffusion) integrates ``--steps`` steps with
+``--sampler`` (flow matching only) through its own ``generate``.
 
 Writes PNGs, a grid PNG, ``samples.npz`` (uint8 NHWC under ``arr_0``, the ADM evaluator's format;
 ``labels`` beside it) and ``results.json`` (gFID when the FID module is available, always with the
@@ -30,7 +34,17 @@ from vistok.common.images import save_grid, to_uint8
 from vistok.common.results import code_version
 from vistok.data.codes import TokenizerCheckpoint, file_sha256, read_tokenizer
 from vistok.generators.ar import GPT
+from vistok.generators.diffusion import DiffusionSampling
 from vistok.generators.sampling import SamplingConfig, generate
+from vistok.generators.speculative import (
+    Neighbours,
+    SpeculativeConfig,
+    SpeculativeStats,
+    speculative_generate,
+)
+
+# Training-checkpoint hyper-parameter holding the net's config -> the module attribute it was in.
+NET_KEYS = {"gpt_config": "gpt", "generator_config": "net"}
 
 
 class TokenizerMismatch(ValueError):
@@ -38,14 +52,19 @@ class TokenizerMismatch(ValueError):
 
 
 class GeneratorCheckpoint(NamedTuple):
-    gpt: GPT
+    model: Any  # GPT, FlowMatching or BinaryDiffusion, eval mode
     hparams: dict[str, Any]
     identity: dict[str, Any]  # path, sha256, ema
 
+    @property
+    def gpt(self) -> GPT:
+        return self.model
+
 
 def load_generator(path: str, ema: bool | None = None, device="cpu") -> GeneratorCheckpoint:
-    """GPT (eval mode) from an ``ARModule`` checkpoint (EMA weights by default when present), or
-    from an exported folder / Hub id (with the weights it was exported with)."""
+    """The generator net (eval mode) from an ``ARModule`` / ``DiffusionModule`` checkpoint (EMA
+    weights by default when present), or from an exported folder / Hub id (with the weights it
+    was exported with)."""
     if not str(path).endswith(".ckpt"):
         from vistok.common.hub import WEIGHTS, load_pretrained, resolve_folder
 
@@ -60,11 +79,12 @@ def load_generator(path: str, ema: bool | None = None, device="cpu") -> Generato
         return GeneratorCheckpoint(gpt, {"tokenizer_identity": recorded}, identity)
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
-    if "gpt_config" not in hp or "tokenizer_identity" not in hp:
-        raise ValueError(f"{path} is not an AR generator checkpoint (no gpt_config)")
-    gpt = instantiate(hp["gpt_config"])
+    key = next((k for k in NET_KEYS if k in hp), None)
+    if key is None or "tokenizer_identity" not in hp:
+        raise ValueError(f"{path} is not a generator checkpoint (no gpt_config/generator_config)")
+    gpt = instantiate(hp[key])
     state = ckpt["state_dict"]
-    load_strict(gpt, submodule_state(state, "gpt"), str(path))
+    load_strict(gpt, submodule_state(state, NET_KEYS[key]), str(path))
     shadows = submodule_state(state, "ema")
     has_ema = any(k.startswith("shadow_") for k in shadows)
     if ema and not has_ema:
@@ -80,11 +100,18 @@ def load_generator(path: str, ema: bool | None = None, device="cpu") -> Generato
 
 def resolve_tokenizer(recorded: dict, path: str | None = None, device="cpu") -> TokenizerCheckpoint:
     """The generator's tokenizer: ``path``, the one exported beside it, or the recorded one;
-    refused if its hash (for an exported tokenizer: its source checkpoint's) differs."""
+    refused if its hash (for an exported tokenizer: its source checkpoint's) differs, unless it
+    was post-trained from the recorded one with its encoder and quantizer verified unchanged
+    (``vistok.tokenizers.posttrain``)."""
+    from vistok.tokenizers.posttrain import load_derived
+
     chosen = path or recorded.get("folder") or recorded["path"]
     if not str(chosen).endswith(".ckpt"):
         tok = read_tokenizer(chosen, device=device)
         if tok.identity["sha256"] != recorded["sha256"]:
+            derived = load_derived(chosen, recorded, device)  # post-trained from it, codes intact
+            if derived is not None:
+                return derived
             raise TokenizerMismatch(
                 f"tokenizer {chosen} was exported from a checkpoint with sha256 "
                 f"{str(tok.identity['sha256'])[:12]}, not the one this generator was trained on "
@@ -98,6 +125,9 @@ def resolve_tokenizer(recorded: dict, path: str | None = None, device="cpu") -> 
         )
     sha = file_sha256(chosen)
     if sha != recorded["sha256"]:
+        derived = load_derived(chosen, recorded, device)  # post-trained from it, codes intact
+        if derived is not None:
+            return derived
         raise TokenizerMismatch(
             f"tokenizer {chosen} (sha256 {sha[:12]}) is not the one this generator was trained "
             f"on: {recorded['path']} (sha256 {recorded['sha256'][:12]}). Its codes would mean "
@@ -139,16 +169,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     rank, world, device = init_distributed()
     gen = load_generator(args.generator, args.ema, device)
     tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)
-    gpt, tokenizer = gen.gpt, tok.tokenizer
-    cfg_scale = args.cfg if gpt.num_classes else 1.0
-    config = SamplingConfig(
-        cfg_scale,
-        args.cfg_schedule,
-        tuple(args.cfg_interval),
-        args.temperature,
-        args.top_k,
-        args.top_p,
-    )
+    model, tokenizer = gen.model, tok.tokenizer
+    gpt = model if isinstance(model, GPT) else None
+    cfg_scale = args.cfg if model.num_classes else 1.0
+    if gpt is not None:
+        config = SamplingConfig(
+            cfg_scale,
+            args.cfg_schedule,
+            tuple(args.cfg_interval),
+            args.temperature,
+            args.top_k,
+            args.top_p,
+        )
+    else:
+        config = diffusion_config(args, model, cfg_scale)
+    spec, neighbours, spec_stats = speculative_setup(args, gpt, tokenizer)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
 
@@ -168,13 +203,19 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if skipped and rank == 0:
         print(f"gFID skipped: {skipped}")
 
-    labels = class_labels(args.num_images, gpt.num_classes, args.classes, args.seed)
+    labels = class_labels(args.num_images, model.num_classes, args.classes, args.seed)
     jobs = list(enumerate(range(0, args.num_images, args.batch_size)))[rank::world]
     mine_idx, mine_img = [], []
     for j, start in tqdm(jobs, disable=rank != 0, desc="sampling", unit="batch"):
         idx = torch.arange(start, min(start + args.batch_size, args.num_images))
         g = torch.Generator(device).manual_seed(batch_seed(args.seed, j))
-        codes = generate(gpt, labels[idx], config, g)
+        if gpt is not None and spec is not None:
+            codes, stats = speculative_generate(gpt, labels[idx], config, g, spec, neighbours)
+            spec_stats = spec_stats + stats
+        elif gpt is not None:
+            codes = generate(gpt, labels[idx], config, g)
+        else:
+            codes = model.generate(labels[idx].to(device), config, g)
         images = tokenizer.detokenize(codes).float().clamp(-1, 1)  # (B, 3, H, W)
         if fid is not None:
             fid.update(images, real=False)
@@ -191,6 +232,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(parts, gathered, dst=0)
         parts = [p for ps in gathered or [] for p in ps]
+        if spec is not None:
+            every = [None] * world if rank == 0 else None
+            dist.gather_object(spec_stats, every, dst=0)
+            spec_stats = sum(every or [], SpeculativeStats())
     results = None
     if rank == 0:
         order = np.concatenate([p[0] for p in parts])
@@ -201,11 +246,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         results = {
             "gfid": gfid,
             "gfid_skipped": skipped,
+            # Forward passes per image and acceptance rate of speculative decoding.
+            "speculative": spec_stats.to_dict() if spec is not None else None,
             "protocol": {
                 "num_images": args.num_images,
-                "classes": args.classes if gpt.num_classes else "unconditional",
-                "num_classes": gpt.num_classes,
+                "classes": args.classes if model.num_classes else "unconditional",
+                "num_classes": model.num_classes,
                 "sampling": config.to_dict(),
+                "speculative": (
+                    {**spec.to_dict(), "approximate": spec.relaxed != "none"} if spec else None
+                ),
                 "seed": args.seed,
                 "batch_size": args.batch_size,
                 "world_size": world,
@@ -227,8 +277,36 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     return results
 
 
+def diffusion_config(args: argparse.Namespace, model, cfg_scale: float) -> DiffusionSampling:
+    """The diffusion sampling settings; AR-only flags set away from their defaults are refused."""
+    ar_only = {"--top-k": args.top_k != 0, "--top-p": args.top_p != 1.0}
+    ar_only["--cfg-schedule"] = args.cfg_schedule != "constant"
+    given = [flag for flag, set_ in ar_only.items() if set_]
+    if given:
+        raise SystemExit(f"error: {', '.join(given)} apply to AR generators only")
+    if args.sampler == "heun" and model.kind != "flow":
+        raise SystemExit("error: --sampler heun applies to flow-matching generators only")
+    sampler = args.sampler or ("euler" if model.kind == "flow" else "posterior")
+    return DiffusionSampling(
+        args.steps, sampler, cfg_scale, tuple(args.cfg_interval), args.temperature
+    )
+
+
+def speculative_setup(args: argparse.Namespace, gpt, tokenizer):
+    """(SpeculativeConfig or None, LANTERN neighbourhoods or None, empty counters)."""
+    if args.speculative == "off":
+        return None, None, SpeculativeStats()
+    if gpt is None:
+        raise SystemExit("error: --speculative applies to AR generators only")
+    spec = SpeculativeConfig(args.window, args.relaxed, args.lantern_k, args.lantern_delta)
+    neighbours = None
+    if args.relaxed == "lantern":  # the tokenizer's codebook geometry
+        neighbours = Neighbours.from_tokenizer(tokenizer, args.lantern_k)
+    return spec, neighbours, SpeculativeStats()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample images from an AR generator checkpoint.")
+    p = argparse.ArgumentParser(description="Sample images from a generator checkpoint.")
     p.add_argument("--generator", required=True, help="generator checkpoint (.ckpt)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one it was trained on")
     p.add_argument("--num-images", type=int, default=50)
@@ -241,11 +319,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs=2,
         default=[0.0, 1.0],
         metavar=("START", "END"),
-        help="fraction of token positions with guidance",
+        help="fraction with guidance: of token positions (AR), of the way from noise to data "
+        "(diffusion)",
+    )
+    p.add_argument("--steps", type=int, default=50, help="diffusion: integration steps")
+    p.add_argument(
+        "--sampler",
+        choices=["euler", "heun"],
+        help="flow matching: ODE solver (default euler; heun costs 2 evaluations per step)",
     )
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="AR logits; binary diffusion bit logits"
+    )
+    p.add_argument(
+        "--speculative",
+        choices=["off", "jacobi"],
+        default="off",
+        help="AR: speculative Jacobi decoding, the same distribution in fewer forward passes",
+    )
+    p.add_argument("--window", type=int, default=16, help="draft tokens verified per pass")
+    p.add_argument(
+        "--relaxed",
+        choices=["none", "lantern"],
+        default="none",
+        help="approximate LANTERN acceptance over latent neighbours (TV <= delta per token)",
+    )
+    p.add_argument("--lantern-k", type=int, default=1000, help="neighbours per code")
+    p.add_argument("--lantern-delta", type=float, default=0.1, help="TV budget per token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", choices=["balanced", "random"], default="balanced")
     p.add_argument(
@@ -267,6 +369,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1:
         p.error("--num-images and --batch-size must be >= 1")
+    if args.relaxed != "none" and args.speculative == "off":
+        p.error("--relaxed is an acceptance rule of --speculative jacobi: add that flag")
+    if args.window < 1 or args.lantern_k < 1 or not 0 <= args.lantern_delta <= 1:
+        p.error("need --window >= 1, --lantern-k >= 1 and 0 <= --lantern-delta <= 1")
     return args
 
 

@@ -25,13 +25,7 @@ SPACES = {
 KINDS = list(SPACES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only adds waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str, token_shape=(3, 4), num_classes: int = 5, seed: int = 0) -> GPT:

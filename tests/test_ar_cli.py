@@ -35,12 +35,7 @@ TINY_VQ = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tokenizer(path, seed: int = 0, ema: bool = True) -> VQTokenizer:

@@ -27,12 +27,7 @@ CLASSES, SIDE, NOISE = 4, 4, 0.1
 CFG = 2.0  # guidance keeps samples on their class when their own errors pile up
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def best_nll(kind: str) -> tuple[float, float]:

@@ -9,8 +9,13 @@ Stages:
 - ``main``: everything trains.
 - ``generative_decoder``: WeTok stage 2. Encoder, projection and quantizer are frozen; the decoder
   (with noise input) is initialised from the stage-1 checkpoint given as ``init_from``.
-- ``post_train``: decoder post-training against a generator (RobusTok); encoder and quantizer
-  frozen.
+- ``post_train``: decoder post-training against a generator (RobusTok). Batches carry generated
+  code maps (``codes``, from ``vistok.data.pairs.PairDataModule``) and the real images they were
+  regenerated from; the decoder learns to map the codes (through the frozen quantizer's
+  ``codes_to_latents``) to the real image, without perturbation. The tokenizer is built from and
+  initialised by ``init_from`` (EMA weights by default, ``init_ema``); encoder, projection and
+  quantizer stay frozen, which is verified by hashing them (``vistok.tokenizers.posttrain``) at
+  the start, at every checkpoint and at the end; checkpoints record the source tokenizer.
 """
 
 from __future__ import annotations
@@ -28,8 +33,21 @@ from vistok.common.configurable import instantiate
 from vistok.common.ema import EMA
 from vistok.common.images import save_grid
 from vistok.common.schedule import warmup_cosine
+from vistok.common.speed import (
+    SpeedOptions,
+    compile_modules,
+    fused_available,
+    resolve,
+    to_channels_last,
+)
 from vistok.losses.tokenizer_loss import TokenizerLoss
 from vistok.tokenizers.perturbation import LatentPerturbation
+from vistok.tokenizers.posttrain import (
+    SOURCE_KEY,
+    load_source,
+    source_config,
+    verify_codes_unchanged,
+)
 from vistok.tokenizers.tokenizer import Tokenizer
 
 Stage = Literal["main", "generative_decoder", "post_train"]
@@ -43,8 +61,8 @@ FROZEN_IN_STAGE = {
 class TokenizerModule(pl.LightningModule):
     def __init__(
         self,
-        tokenizer: Tokenizer,
-        loss: TokenizerLoss,
+        tokenizer: Tokenizer | None = None,
+        loss: TokenizerLoss | None = None,
         perturbation: LatentPerturbation | None = None,
         stage: Stage = "main",
         init_from: str | None = None,
@@ -58,10 +76,20 @@ class TokenizerModule(pl.LightningModule):
         grad_clip: float | None = 1.0,
         ema_decay: float | None = None,
         grid_images: int = 8,
+        init_ema: bool = True,
+        speed: SpeedOptions | None = None,
     ):
         super().__init__()
         # Checkpoints carry configs, not pickled objects: load_from_checkpoint rebuilds from them.
+        if tokenizer is None:  # post-training names its tokenizer by checkpoint only
+            if stage != "post_train" or not init_from:
+                raise ValueError("no tokenizer given (stage post_train reads it from init_from)")
+            tokenizer = source_config(init_from)
         tokenizer = instantiate(tokenizer) if isinstance(tokenizer, dict) else tokenizer
+        if loss is None:
+            raise ValueError("no loss given: set model.init_args.loss (see configs/tokenizer/)")
+        if stage == "post_train" and perturbation is not None:
+            raise ValueError("post-training decodes generated codes as they are: no perturbation")
         loss = instantiate(loss) if isinstance(loss, dict) else loss
         if isinstance(perturbation, dict):
             perturbation = instantiate(perturbation)
@@ -75,7 +103,10 @@ class TokenizerModule(pl.LightningModule):
 
         self.tokenizer, self.loss, self.perturbation = tokenizer, loss, perturbation
         self.stage = stage
-        if init_from:
+        self.source = None  # post_train: identity of the tokenizer whose codes the data holds
+        if init_from and stage == "post_train":
+            self.source = load_source(tokenizer, init_from, init_ema)
+        elif init_from:
             load_tokenizer_weights(tokenizer, init_from, stage=stage)
         for name in FROZEN_IN_STAGE[stage]:
             getattr(tokenizer, name).requires_grad_(False)
@@ -91,6 +122,19 @@ class TokenizerModule(pl.LightningModule):
                 "the checkpoint was trained with a different tokenizer configuration:\n  "
                 + "\n  ".join(diffs[:20])
             )
+        source = checkpoint.get(SOURCE_KEY)
+        same = ("sha256", "ema", "code_hash")
+        if self.source and source and any(source[k] != self.source[k] for k in same):
+            raise ValueError(
+                f"the checkpoint post-trains tokenizer {source.get('path')}, not "
+                f"{self.source.get('path')} given as init_from"
+            )
+        self.source = source or self.source
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.source is not None:
+            verify_codes_unchanged(self.tokenizer, self.source, f"step {self.global_step}")
+            checkpoint[SOURCE_KEY] = self.source
 
     # --- training ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -101,29 +145,74 @@ class TokenizerModule(pl.LightningModule):
             getattr(self.tokenizer, name).eval()
         return self
 
+    def setup(self, stage: str) -> None:
+        # Speed switches (common.speed), decided for the device the trainer runs on.
+        device = self.trainer.strategy.root_device if self.trainer else self.device
+        self.speed = resolve(self.hparams.get("speed"), device)
+        disc = getattr(self.loss, "discriminator", None)
+        if self.speed["channels_last"]:
+            to_channels_last(self.tokenizer, disc)
+        if self.speed["compile"] and stage == "fit":
+            compile_modules(self.tokenizer.encoder, self.tokenizer.decoder, disc)
+
     def on_fit_start(self) -> None:
         if self.loss.has_discriminator and "16-mixed" == str(self.trainer.precision):
             raise ValueError(
                 "GAN training does not support fp16 loss scaling; set trainer.precision to "
                 "'bf16-mixed' or '32-true'"
             )
+        if self.stage == "post_train":
+            if self.source is None:
+                raise ValueError(
+                    "post-training starts from a trained tokenizer: set --model.init_from <ckpt>"
+                )
+            self._check_post_training_data()
+            verify_codes_unchanged(self.tokenizer, self.source, "start of post-training")
+
+    def on_train_end(self) -> None:
+        if self.source is not None:
+            verify_codes_unchanged(self.tokenizer, self.source, "end of post-training")
+
+    def _check_post_training_data(self) -> None:
+        made_with = getattr(self.trainer.datamodule, "tokenizer_identity", None)
+        if made_with is None:
+            raise ValueError(
+                "stage post_train trains on generated code maps: use "
+                "vistok.data.pairs.PairDataModule (--data.pairs <folder>)"
+            )
+        src = self.source
+        if (made_with.get("sha256"), bool(made_with.get("ema"))) != (src["sha256"], src["ema"]):
+            raise ValueError(
+                f"the pairs were made with tokenizer {made_with.get('path')} (sha256 "
+                f"{str(made_with.get('sha256'))[:12]}, ema={made_with.get('ema')}), but "
+                f"post-training starts from {src['path']} (sha256 {src['sha256'][:12]}, "
+                f"ema={src['ema']}): pass that checkpoint as --model.init_from (and "
+                "--model.init_ema to match)"
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        if getattr(self, "speed", {}).get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
         step = self.global_step  # generator steps only (see module docstring)
         opts = self.optimizers()
         opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
 
         tok = self.tokenizer
-        latents = tok.pre_quant(images)  # (B, C_q, h, w)
-        q = tok.quantizer(latents)
-        quantized, logs = q.quantized, {}
-        if self.perturbation is not None:  # after the quantizer losses, before the decoder
-            quantized, logs = self.perturbation(
-                tok.quantizer, q, latents, step, self.current_epoch, self.global_rank
-            )
+        if self.stage == "post_train":
+            # Generated codes through the frozen quantizer; the target is the real image.
+            quantized = tok.quantizer.codes_to_latents(batch["codes"])  # (B, C, h, w)
+            quant_loss, quant_stats, logs = 0.0, {}, {}
+        else:
+            latents = tok.pre_quant(images)  # (B, C_q, h, w)
+            q = tok.quantizer(latents)
+            quantized, quant_loss, quant_stats, logs = q.quantized, q.loss, q.stats, {}
+            if self.perturbation is not None:  # after the quantizer losses, before the decoder
+                quantized, logs = self.perturbation(
+                    tok.quantizer, q, latents, step, self.current_epoch, self.global_rank
+                )
         recon = tok.decode(quantized)
-        g_loss, g_logs = self.loss.generator_loss(images, recon, q.loss, step, tok.last_layer)
+        g_loss, g_logs = self.loss.generator_loss(images, recon, quant_loss, step, tok.last_layer)
         logs.update(g_logs)
         if not torch.isfinite(g_loss):
             raise FloatingPointError(f"non-finite generator loss at step {step}: {logs}")
@@ -146,7 +235,7 @@ class TokenizerModule(pl.LightningModule):
             scheds[1].step()
             logs.update(d_logs)
 
-        logs.update({f"quant/{k}": v for k, v in q.stats.items()})
+        logs.update({f"quant/{k}": v for k, v in quant_stats.items()})
         logs.pop("loss", None)
         self.log_dict({f"train/{k}": torch.as_tensor(v).float() for k, v in logs.items()})
         self.log("train/loss", g_loss.detach(), prog_bar=True)
@@ -158,7 +247,8 @@ class TokenizerModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.tokenizer.parameters() if p.requires_grad]
-        fused = bool(params) and params[0].is_cuda
+        speed = getattr(self, "speed", None) or resolve(hp.get("speed"), self.device)
+        fused = speed["fused_optimizer"] and fused_available(params)
         opt_g = torch.optim.Adam(
             params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay, fused=fused
         )
@@ -198,10 +288,20 @@ class TokenizerModule(pl.LightningModule):
             "val/baseline_l1": (images.float() - mean_color).abs().mean(),
         }
         metrics.update({f"val/quant_{k}": v.float() for k, v in q.stats.items()})
+        generated = None
+        if "codes" in batch:  # post-training pairs: decode the generated codes too
+            latents = self.tokenizer.quantizer.codes_to_latents(batch["codes"])
+            generated = self.tokenizer.decode(latents).float().clamp(-1, 1)
+            gen_mse = (generated - images.float()).pow(2).flatten(1).mean(1)  # (B,)
+            metrics["val/generated_mse"] = gen_mse.mean()
+            gen_psnr = 10 * torch.log10(4.0 / gen_mse.clamp_min(1e-10))
+            metrics["val/generated_psnr"] = gen_psnr.mean()
         self.log_dict(metrics, sync_dist=True, batch_size=images.shape[0])
         if batch_idx == 0:
             n = self.hparams.grid_images
             self._grid = [images[:n], recon[:n]]
+            if generated is not None:
+                self._grid.append(generated[:n])
 
     def on_validation_epoch_end(self) -> None:
         if self.ema is not None:
