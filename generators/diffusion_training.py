@@ -1,12 +1,12 @@
 """The LightningModule that trains the diffusion generators (flow matching, binary diffusion).
 
-It is ``ARModule`` with another net: the tokenizer identity and code checks, the optimiser and
-learning-rate schedule, the EMA (updated after every optimizer step, swapped in for validation
-and sample grids) and the results protocol are inherited. What differs is which net the
-tokenizer's code space gets (``family``), the per-channel latent statistics that flow matching
-copies from the code folder's ``meta.json`` into its buffers before training (so they are saved
-with the generator), and validation, which evaluates the loss at fixed seeded noise levels so
-successive validations compare.
+The tokenizer identity and code checks, the optimiser and learning-rate schedule, the EMA
+(updated after every optimizer step, swapped in for validation and sample grids), the speed
+switches and the results protocol are ``GeneratorModule``'s, shared with the AR module. What
+differs: which net the tokenizer's code space gets (``family``), the per-channel latent
+statistics that flow matching copies from the code folder's ``meta.json`` into its buffers
+before training (so they are saved with the generator), and validation, which evaluates the loss
+at fixed seeded noise levels so successive validations compare.
 
 Defaults follow DiT (https://arxiv.org/abs/2212.09748): AdamW lr 1e-4, no weight decay, betas
 (0.9, 0.999), EMA 0.9999.
@@ -16,18 +16,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypedDict
 
-import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric
 
-from vistok.common.checkpoints import config_differences
-from vistok.common.ema import EMA
-from vistok.data.codes import read_tokenizer
-from vistok.generators.ar_training import ARModule, check_codes_match
+from vistok.common.speed import SpeedOptions
 from vistok.generators.binary_diffusion import BinaryDiffusion
 from vistok.generators.diffusion import DiffusionSampling, FlowMatching
+from vistok.generators.training import GeneratorModule
 
-_NOT_HPARAMS = ("self", "__class__", "tok", "identity", "families", "cls")
+FAMILIES = {"flow_matching": FlowMatching, "binary_diffusion": BinaryDiffusion}
 
 
 class DiTOptions(TypedDict, total=False):
@@ -45,7 +42,7 @@ class DiTOptions(TypedDict, total=False):
     schedule: Literal["linear", "cosine"]  # binary diffusion only
 
 
-class DiffusionModule(ARModule):
+class DiffusionModule(GeneratorModule):
     """Trains a ``FlowMatching`` or ``BinaryDiffusion`` net over the tokenizer's codes.
 
     Args:
@@ -54,6 +51,8 @@ class DiffusionModule(ARModule):
         preset: a name in ``DIT_PRESETS``; ``net`` overrides single fields of it.
         num_classes: class labels in the data (the null class is added on top).
         sample_images / sample_cfg / sample_steps: the grid written at each validation.
+        speed: compile / fused optimizer (``common.speed``); unset switches take the
+            accelerator's default.
     """
 
     def __init__(
@@ -74,65 +73,36 @@ class DiffusionModule(ARModule):
         sample_images: int = 8,
         sample_cfg: float = 1.5,
         sample_steps: int = 50,
+        speed: SpeedOptions | None = None,
     ):
-        pl.LightningModule.__init__(self)  # ARModule's __init__ would build a GPT
-        families = {"flow_matching": FlowMatching, "binary_diffusion": BinaryDiffusion}
-        if family not in families:
-            raise ValueError(f"family must be one of {sorted(families)}, got {family!r}")
-        tok, identity = read_tokenizer(tokenizer, tokenizer_ema)
-        cls = families[family]
-        self.net = cls(
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+        super().__init__(tokenizer, tokenizer_ema)
+        tok, options = self._tokenizer[0], dict(net or {})
+        self.net = FAMILIES[family](
             code_space=tok.code_space.to_dict(),
             token_shape=list(tok.token_shape),
             num_classes=num_classes,
             preset=preset,
-            **dict(net or {}),
+            **options,
         )
-        hparams = {k: v for k, v in locals().items() if k not in _NOT_HPARAMS}
-        hparams.update(
-            net=dict(net or {}), generator_config=self.net.config, tokenizer_identity=identity
-        )
-        self.save_hyperparameters(hparams)
-        self.identity = identity
-        self._tokenizer = [tok]  # a list keeps it out of the module tree (state dict, .to())
-        self.ema = EMA(self.net, ema_decay) if ema_decay else None
+        self.finish_init(locals(), ema_decay, net=options)
         self.val_loss = MeanMetric()
 
-    @property
-    def gpt(self):
-        """The net, under the name ``ARModule``'s inherited parts use for it."""
-        return self.net
-
-    # --- consistency checks ----------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self.trainer else None
-        meta = getattr(datamodule, "meta", None)
-        if not meta:
+    def prepare_from_data(self, datamodule, meta: dict) -> None:
+        # Flow matching normalises latents per channel with the statistics extraction wrote;
+        # copied once into buffers, so checkpoints and exports carry them.
+        if not isinstance(self.net, FlowMatching) or bool(self.net.has_stats):
             return
-        check_codes_match(meta, self.identity, self.net)
-        if isinstance(self.net, FlowMatching) and not bool(self.net.has_stats):
-            split = getattr(datamodule, "hparams", {}).get("train_split", "train")
-            stats = meta["splits"].get(split, {}).get("latent_stats")
-            if stats is None:
-                raise ValueError(
-                    f"{datamodule.root}/meta.json has no latent_stats for split {split!r}: "
-                    "extract the codes again with this version of vistok.data.extract_codes"
-                )
-            self.net.set_latent_stats(stats["mean"], stats["std"])
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hp = checkpoint.get("hyper_parameters", {})
-        found = hp.get("tokenizer_identity", {}).get("sha256")
-        if found != self.identity["sha256"]:
+        split = getattr(datamodule, "hparams", {}).get("train_split", "train")
+        stats = meta["splits"].get(split, {}).get("latent_stats")
+        if stats is None:
             raise ValueError(
-                f"this checkpoint was trained on codes of tokenizer sha256 {str(found)[:12]}, "
-                f"but {self.identity['path']} has sha256 {self.identity['sha256'][:12]}"
+                f"{datamodule.root}/meta.json has no latent_stats for split {split!r}: "
+                "extract the codes again with this version of vistok.data.extract_codes"
             )
-        diffs = config_differences(self.net.config, hp.get("generator_config"))
-        if diffs:
-            raise ValueError("the checkpoint holds a different net:\n  " + "\n  ".join(diffs[:20]))
+        self.net.set_latent_stats(stats["mean"], stats["std"])
 
-    # --- validation --------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The same noise levels and noise at every validation: the numbers compare.
         codes = batch["codes"]
@@ -143,21 +113,6 @@ class DiffusionModule(ARModule):
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, batch_size=n)
         self.log_dict({f"val/{k}": v for k, v in stats.items()}, batch_size=n)
 
-    @torch.no_grad()
-    def sample_images(self, n: int, seed: int = 0) -> torch.Tensor:
-        """n images (n, 3, H, W) in [-1, 1] for classes 0, 1, ... with the grid's CFG scale."""
-        device, classes = self.net.net.pos.device, self.net.num_classes
-        if classes:
-            labels, cfg = torch.arange(n, device=device) % classes, self.hparams.sample_cfg
-        else:
-            labels, cfg = torch.full((n,), -1, device=device), 1.0
-        gen = torch.Generator(device).manual_seed(seed)
+    def sample_codes(self, labels: torch.Tensor, cfg: float, gen: torch.Generator):
         config = DiffusionSampling(steps=self.hparams.sample_steps, cfg_scale=cfg)
-        was_training = self.net.training
-        self.net.eval()
-        try:
-            codes = self.net.generate(labels, config, gen)
-        finally:
-            self.net.train(was_training)
-        tokenizer = self._tokenizer[0].to(device)
-        return tokenizer.detokenize(codes).float().clamp(-1, 1)
+        return self.net.generate(labels, config, gen)

@@ -43,8 +43,9 @@ from vistok.generators.speculative import (
     speculative_generate,
 )
 
-# Training-checkpoint hyper-parameter holding the net's config -> the module attribute it was in.
-NET_KEYS = {"gpt_config": "gpt", "generator_config": "net"}
+# Training-checkpoint hyper-parameters that hold the net's config (AR, diffusion); the weights
+# are under ``net.`` in both (``GeneratorModule.net``).
+NET_KEYS = ("gpt_config", "generator_config")
 
 
 class TokenizerMismatch(ValueError):
@@ -84,7 +85,7 @@ def load_generator(path: str, ema: bool | None = None, device="cpu") -> Generato
         raise ValueError(f"{path} is not a generator checkpoint (no gpt_config/generator_config)")
     gpt = instantiate(hp[key])
     state = ckpt["state_dict"]
-    load_strict(gpt, submodule_state(state, NET_KEYS[key]), str(path))
+    load_strict(gpt, submodule_state(state, "net"), str(path))
     shadows = submodule_state(state, "ema")
     has_ema = any(k.startswith("shadow_") for k in shadows)
     if ema and not has_ema:

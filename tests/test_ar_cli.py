@@ -20,9 +20,10 @@ from vistok.data.codes import (
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.extract_codes import extract
 from vistok.data.make_shards import shard_pattern, write_shards
-from vistok.generators.ar_training import ARModule, check_codes_match
+from vistok.generators.ar_training import ARModule
 from vistok.generators.inference import load_generator
 from vistok.generators.inference import main as sample_main
+from vistok.generators.training import check_codes_match
 from vistok.tokenizers.vq import VQTokenizer
 
 TINY_VQ = dict(
@@ -127,12 +128,12 @@ def test_codes_of_another_tokenizer_are_refused(tmp_path):
         extract(str(tmp_path / "b.ckpt"), str(tmp_path / "codes"), spec, "val", num_workers=0)
     module = ARModule(str(tmp_path / "b.ckpt"), preset="tiny", num_classes=3)
     with pytest.raises(ValueError, match="extracted with tokenizer"):
-        check_codes_match(meta, module.identity, module.gpt)
+        check_codes_match(meta, module.identity, module.net)
     same = ARModule(str(tmp_path / "a.ckpt"), preset="tiny", num_classes=3)
-    check_codes_match(meta, same.identity, same.gpt)
+    check_codes_match(meta, same.identity, same.net)
     with pytest.raises(ValueError, match="num_classes"):
         few = ARModule(str(tmp_path / "a.ckpt"), preset="tiny", num_classes=2)
-        check_codes_match(meta, few.identity, few.gpt)
+        check_codes_match(meta, few.identity, few.net)
 
 
 def test_unreadable_code_shards_stop_training_with_their_names(tmp_path):
@@ -148,7 +149,7 @@ def save_generator(tmp_path, tokenizer_path, ema: bool) -> tuple[ARModule, str]:
     )
     if ema:
         with torch.no_grad():
-            for p in module.gpt.parameters():
+            for p in module.net.parameters():
                 p.add_(torch.randn_like(p))
             module.ema.update()  # shadows now differ from the live weights
     path = str(tmp_path / "gen.ckpt")
@@ -162,10 +163,10 @@ def test_generator_checkpoint_rebuilds_the_gpt_with_ema_weights(tmp_path):
     codes = torch.randint(64, (2, 8, 8))
     labels = torch.tensor([0, 2])
     live = load_generator(path, ema=False).gpt
-    torch.testing.assert_close(live(codes, labels), module.gpt.eval()(codes, labels))
+    torch.testing.assert_close(live(codes, labels), module.net.eval()(codes, labels))
     averaged = load_generator(path).gpt  # EMA by default when present
     module.ema.swap()
-    torch.testing.assert_close(averaged(codes, labels), module.gpt(codes, labels))
+    torch.testing.assert_close(averaged(codes, labels), module.net(codes, labels))
 
 
 def test_sample_refuses_a_tokenizer_other_than_the_generators(tmp_path, capsys):

@@ -31,7 +31,8 @@ def kl(tmp_path) -> str:
 
 def attach(module: DiffusionModule, meta: dict) -> None:
     data = SimpleNamespace(meta=meta, root="latents", hparams={"train_split": "train"})
-    module._trainer = SimpleNamespace(datamodule=data)  # what setup() reads
+    strategy = SimpleNamespace(root_device=torch.device("cpu"))
+    module._trainer = SimpleNamespace(datamodule=data, strategy=strategy)  # what setup() reads
 
 
 def latent_meta(module: DiffusionModule, stats: dict | None) -> dict:
