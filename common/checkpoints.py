@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, memoised per (path, size, mtime): checkpoints and weights files are
+    hashed once per process."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

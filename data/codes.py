@@ -20,8 +20,6 @@ rank; validation reads each sample once on exactly one rank.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
 import json
 import os
@@ -38,7 +36,12 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from vistok.common.checkpoints import load_strict, read_checkpoint, submodule_state
+from vistok.common.checkpoints import (
+    file_sha256,
+    load_strict,
+    read_checkpoint,
+    submodule_state,
+)
 from vistok.common.configurable import instantiate
 from vistok.data.image_decode import SHARD_REASON, parse_label
 from vistok.data.stream import DataQualityError, SkipStats, partition_shards
@@ -48,21 +51,6 @@ META = "meta.json"
 
 # ---------------------------------------------------------------------------------------------
 # The frozen tokenizer
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file, memoised per (path, size, mtime): checkpoints are hashed once."""
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 class LatentStats:

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from vistok.evaluation.inception import cache_dir, fid_weights_path, weights_sha256
+from vistok.common.checkpoints import file_sha256
+from vistok.evaluation.inception import cache_dir, fid_weights_path
 
 STATS_FORMAT = "vistok-fid-stats-v1"
 
@@ -228,7 +229,7 @@ class FID(FrechetInceptionDistance):
         )
         self.feature_dim = feature
         self.antialias = antialias
-        self.weights_hash = weights_sha256(path)
+        self.weights_hash = file_sha256(path)
         self.stats_dir = Path(stats_dir) if stats_dir else cache_dir() / "fid_stats"
         self.sqrt_check, self.sqrt_atol, self.sqrt_rtol = sqrt_check, sqrt_atol, sqrt_rtol
         self.sqrt_error = 0.0

@@ -74,21 +74,6 @@ def fid_weights_path(path: str | os.PathLike | None = None) -> str:
     return _checked(converted)
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a weights file (memoised per path, size and mtime); keys cached statistics."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
 def _checked(path: Path) -> str:
     st = path.stat()
     _check_loadable(str(path.resolve()), st.st_size, st.st_mtime_ns)

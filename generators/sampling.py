@@ -125,6 +125,18 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def guided_labels(model: GPT, labels: Tensor, config: SamplingConfig) -> tuple[Tensor, list[float]]:
+    """The per-position guidance scales, and the labels (B,) -> (2B,) with the null class
+    appended when any position is guided (rows B.. give the unconditional logits)."""
+    n = model.num_tokens
+    scales = [config.scale_at(i, n) for i in range(n)]
+    if any(s != 1.0 for s in scales):
+        if model.num_classes == 0:
+            raise ValueError("an unconditional generator has no guidance: use cfg_scale 1")
+        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    return labels, scales
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -144,14 +156,9 @@ def generate(
     device = model.norm.weight.device
     labels = labels.to(device)
     b, n = labels.shape[0], model.num_tokens
-    scales = [config.scale_at(i, n) for i in range(n)]
-    guided = any(s != 1.0 for s in scales)
-    if guided and model.num_classes == 0:
-        raise ValueError("an unconditional generator has no guidance: use cfg_scale 1")
-    if guided:
-        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    labels, scales = guided_labels(model, labels, config)
     m = labels.shape[0]
-    picker = Picker(config, guided, generator)
+    picker = Picker(config, m > b, generator)
     amp = autocast_dtype(device) if autocast else None
     dtype = amp or model.norm.weight.dtype
 

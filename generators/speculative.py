@@ -59,6 +59,7 @@ from vistok.generators.sampling import (
     _at_least_fp32,
     autocast_dtype,
     filter_logits,
+    guided_labels,
     sample_logits,
 )
 
@@ -356,13 +357,10 @@ def speculative_generate(
     device = model.norm.weight.device
     labels = labels.to(device)
     b, n, f, v = labels.shape[0], model.num_tokens, model.factors, model.head.vocab
-    scales_all = torch.tensor([config.scale_at(i, n) for i in range(n)], device=device)
-    guided = bool((scales_all != 1.0).any())
-    if guided and model.num_classes == 0:
-        raise ValueError("an unconditional generator has no guidance: use cfg_scale 1")
-    if guided:
-        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    labels, scales = guided_labels(model, labels, config)
+    scales_all = torch.tensor(scales, device=device)
     m = labels.shape[0]
+    guided = m > b
     amp = autocast_dtype(device) if autocast else None
     dtype = amp or model.norm.weight.dtype
 

@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from vistok.generators.ar import GPT
-from vistok.generators.sampling import Picker, SamplingConfig, autocast_dtype, filter_logits
+from vistok.generators.sampling import (
+    Picker,
+    SamplingConfig,
+    autocast_dtype,
+    filter_logits,
+    guided_labels,
+)
 
 
 class TeacherForced(NamedTuple):
@@ -133,14 +139,9 @@ def teacher_forced(
     keep, uniforms = keep.to(device), uniforms.to(device)
 
     labels = labels.to(device)
-    scales = [config.scale_at(i, n) for i in range(n)]
-    guided = any(s != 1.0 for s in scales)
-    if guided and model.num_classes == 0:
-        raise ValueError("an unconditional generator has no guidance: use cfg_scale 1")
-    if guided:
-        labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
+    labels, scales = guided_labels(model, labels, config)
     m = labels.shape[0]
-    picker = SeededPicker(config, guided, uniforms)
+    picker = SeededPicker(config, m > b, uniforms)
     amp = autocast_dtype(device) if autocast else None
     dtype = amp or model.norm.weight.dtype
 
@@ -162,7 +163,7 @@ def teacher_forced(
                 picker.scale = scales[i]
                 sampled = model.head.sample(h, picker)[:b]  # (B, F)
                 mixed = torch.where(keep[:, i, None], mixed, sampled)
-            seq[:, i] = torch.cat([mixed, mixed]) if guided else mixed
+            seq[:, i] = torch.cat([mixed, mixed]) if m > b else mixed
             x = model.head.embed(seq[:, i : i + 1]).to(dtype)  # (M, 1, D)
     kept = keep.reshape(b, *model.token_shape)
     return TeacherForced(model.from_sequence(seq[:b]), kept)
