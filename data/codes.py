@@ -171,15 +171,16 @@ def decode_codes(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def read_meta(root: str | os.PathLike) -> dict[str, Any]:
+def read_meta(
+    root: str | os.PathLike, fmt: str = FORMAT, maker: str = "vistok.data.extract_codes"
+) -> dict[str, Any]:
+    """A folder's ``meta.json``, checked to be of format ``fmt`` (written by ``maker``)."""
     path = Path(root) / META
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: extract codes first (python -m vistok.data.extract_codes)"
-        )
+        raise FileNotFoundError(f"{path} not found: make it first (python -m {maker})")
     meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {fmt!r}")
     return meta
 
 

@@ -26,7 +26,6 @@ flipped: the codes belong to these exact pixels), ``codes`` (B, *token_shape[, F
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from vistok.data.codes import decode_codes
+from vistok.data.codes import decode_codes, read_meta
 from vistok.data.datamodule import SkipCountLogger
 from vistok.data.image_decode import SKIP_REASONS, ImageDecoder, parse_label
 from vistok.data.stream import ShardStream, SkipStats, StreamLoader
@@ -52,15 +51,7 @@ def sample_seed(seed: int, key: str) -> int:
 
 
 def read_pairs_meta(root: str | os.PathLike) -> dict[str, Any]:
-    path = Path(root) / META
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: make the pairs first (python -m vistok.data.make_posttrain_pairs)"
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+    return read_meta(root, FORMAT, "vistok.data.make_posttrain_pairs")
 
 
 def split_urls(root: str | os.PathLike, meta: dict, split: str) -> list[str]:
