@@ -48,6 +48,9 @@ from vistok.generators.speculative import (
 NET_KEYS = ("gpt_config", "generator_config")
 
 
+DEFAULT_STEPS = 50  # diffusion sampling steps when --steps is not given
+
+
 class TokenizerMismatch(ValueError):
     """The tokenizer is not the one the generator was trained for."""
 
@@ -174,6 +177,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     gpt = model if isinstance(model, GPT) else None
     cfg_scale = args.cfg if model.num_classes else 1.0
     if gpt is not None:
+        diffusion_only = {"--steps": args.steps, "--sampler": args.sampler}
+        given = [flag for flag, value in diffusion_only.items() if value is not None]
+        if given:
+            raise SystemExit(f"error: {', '.join(given)} apply to diffusion generators only")
         config = SamplingConfig(
             cfg_scale,
             args.cfg_schedule,
@@ -288,9 +295,8 @@ def diffusion_config(args: argparse.Namespace, model, cfg_scale: float) -> Diffu
     if args.sampler == "heun" and model.kind != "flow":
         raise SystemExit("error: --sampler heun applies to flow-matching generators only")
     sampler = args.sampler or ("euler" if model.kind == "flow" else "posterior")
-    return DiffusionSampling(
-        args.steps, sampler, cfg_scale, tuple(args.cfg_interval), args.temperature
-    )
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    return DiffusionSampling(steps, sampler, cfg_scale, tuple(args.cfg_interval), args.temperature)
 
 
 def speculative_setup(args: argparse.Namespace, gpt, tokenizer):
@@ -323,7 +329,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction with guidance: of token positions (AR), of the way from noise to data "
         "(diffusion)",
     )
-    p.add_argument("--steps", type=int, default=50, help="diffusion: integration steps")
+    p.add_argument(
+        "--steps", type=int, help=f"diffusion: integration steps (default {DEFAULT_STEPS})"
+    )
     p.add_argument(
         "--sampler",
         choices=["euler", "heun"],

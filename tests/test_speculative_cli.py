@@ -57,3 +57,12 @@ def test_sample_py_reports_passes_and_acceptance_and_keeps_greedy_outputs(tmp_pa
 def test_relaxed_without_speculative_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         sample_main(["--generator", "x.ckpt", "--relaxed", "lantern", "--out", str(tmp_path)])
+
+
+def test_diffusion_flags_are_refused_for_an_ar_generator(tmp_path):
+    save_tokenizer(tmp_path / "tok.ckpt")
+    _, gen = save_generator(tmp_path, tmp_path / "tok.ckpt", ema=False)
+    base = ["--generator", gen, "--num-images", "1", "--fid", "off", "--out", str(tmp_path)]
+    for flags in (["--steps", "10"], ["--sampler", "heun"]):
+        with pytest.raises(SystemExit, match="diffusion generators only"):
+            sample_main([*base, *flags])
