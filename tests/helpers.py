@@ -49,3 +49,19 @@ def run(args: list[str], cwd: Path = ROOT, timeout: int = 900) -> subprocess.Com
     )
     assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def class_shards(tmp_path: Path, monkeypatch, per_class: int) -> str:
+    """Shards of real photo crops in two classes ("a", "b") for end-to-end CLI runs, with the
+    offline FID weights in place (their package is a required install: gFID is always checked)."""
+    from vistok.evaluation.inception import fid_weights_path
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models on a shared CPU
+    monkeypatch.setenv("VISTOK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VISTOK_FID_WEIGHTS", fid_weights_path())
+    for label in ("a", "b"):
+        photo_crops(tmp_path / "images" / label, per_class, size=48, seed=ord(label))
+    images, shards = str(tmp_path / "images"), str(tmp_path / "shards")
+    size = str(per_class)
+    run(["-m", "vistok.data.make_shards", images, shards, "--classes", "--shard-size", size])
+    return str(tmp_path / "shards" / "train-{000000..000001}.tar")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, photo_crops, run
+from helpers import ROOT, class_shards, photo_crops, run
 
 from vistok.common.checkpoints import read_checkpoint
 from vistok.data.codes import (
@@ -184,29 +184,7 @@ def test_sample_refuses_a_tokenizer_other_than_the_generators(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tokenizer_codes_generator_samples_through_the_real_clis(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models on a shared CPU
-    monkeypatch.setenv("VISTOK_CACHE", str(tmp_path / "cache"))
-    try:
-        from vistok.evaluation.inception import fid_weights_path
-
-        monkeypatch.setenv("VISTOK_FID_WEIGHTS", fid_weights_path())
-        has_fid = True
-    except Exception:
-        has_fid = False
-    for label in ("a", "b"):
-        photo_crops(tmp_path / "images" / label, 12, size=48, seed=ord(label))
-    run(
-        [
-            "-m",
-            "vistok.data.make_shards",
-            str(tmp_path / "images"),
-            str(tmp_path / "shards"),
-            "--classes",
-            "--shard-size",
-            "12",
-        ]
-    )
-    shards = str(tmp_path / "shards" / "train-{000000..000001}.tar")
+    shards = class_shards(tmp_path, monkeypatch, per_class=12)
 
     tok_run = tmp_path / "tok"
     run(
@@ -304,11 +282,8 @@ def test_tokenizer_codes_generator_samples_through_the_real_clis(tmp_path, monke
     protocol = results["protocol"]
     assert protocol["tokenizer"]["sha256"] == file_sha256(tok_ckpt)
     assert protocol["generator"]["ema"] and protocol["sampling"]["top_k"] == 20
-    if has_fid:
-        assert isinstance(results["gfid"], float) and results["gfid"] > 0
-        assert protocol["fid"]["reference_count"] == 24
-    else:
-        assert results["gfid"] is None and results["gfid_skipped"]
+    assert isinstance(results["gfid"], float) and results["gfid"] > 0
+    assert protocol["fid"]["reference_count"] == 24
 
     # Two processes: disjoint batches, rank 0 gathers; the same images as one process.
     run(

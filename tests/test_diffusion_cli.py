@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import photo_crops, run
+from helpers import class_shards, run
 
 from vistok.common.checkpoints import read_checkpoint
 from vistok.common.export import export
@@ -26,30 +26,8 @@ TINY_CNN = dict(resolution=32, channels=16, num_res_blocks=1, channel_mult=[1, 2
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    """Real image shards of two classes, and gFID weights when available."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("VISTOK_CACHE", str(tmp_path / "cache"))
-    try:
-        from vistok.evaluation.inception import fid_weights_path
-
-        monkeypatch.setenv("VISTOK_FID_WEIGHTS", fid_weights_path())
-        has_fid = True
-    except Exception:
-        has_fid = False
-    for label in ("a", "b"):
-        photo_crops(tmp_path / "images" / label, 8, size=48, seed=ord(label))
-    run(
-        [
-            "-m",
-            "vistok.data.make_shards",
-            str(tmp_path / "images"),
-            str(tmp_path / "shards"),
-            "--classes",
-            "--shard-size",
-            "8",
-        ]
-    )
-    return str(tmp_path / "shards" / "train-{000000..000001}.tar"), has_fid
+    """Real image shards of two classes, with the gFID weights in place."""
+    return class_shards(tmp_path, monkeypatch, per_class=8)
 
 
 def train_tokenizer(tmp_path, config: str, shards: str, **extra) -> str:
@@ -112,22 +90,19 @@ def sample(gen_ckpt: str, out, shards: str, *extra: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def check_results(results: dict, out, tok_ckpt: str, has_fid: bool) -> None:
+def check_results(results: dict, out, tok_ckpt: str) -> None:
     arr = np.load(out / "samples.npz")["arr_0"]
     assert arr.shape == (6, 32, 32, 3) and arr.dtype == np.uint8
     assert (out / "grid.png").is_file()
     protocol = results["protocol"]
     assert protocol["tokenizer"]["sha256"] == file_sha256(tok_ckpt)
-    if has_fid:
-        assert np.isfinite(results["gfid"]) and results["gfid"] > 0
-        assert protocol["fid"]["reference_count"] == 16
-    else:
-        assert results["gfid"] is None and results["gfid_skipped"]
+    assert np.isfinite(results["gfid"]) and results["gfid"] > 0
+    assert protocol["fid"]["reference_count"] == 16
 
 
 @pytest.mark.slow
 def test_kl_tokenizer_latents_dit_samples_through_the_real_clis(tmp_path, env):
-    shards, has_fid = env
+    shards = env
     tok_ckpt = train_tokenizer(tmp_path, "tokenizer/kl.yaml", shards, latent_channels=4)
     codes = tmp_path / "latents"
     meta = extract_splits(tok_ckpt, shards, codes)
@@ -162,7 +137,7 @@ def test_kl_tokenizer_latents_dit_samples_through_the_real_clis(tmp_path, env):
     out = tmp_path / "samples"
     extra = ["--steps", "4", "--sampler", "heun", "--cfg", "1.5", "--cfg-interval", "0.1", "1"]
     results = sample(gen_ckpt, out, shards, *extra)
-    check_results(results, out, tok_ckpt, has_fid)
+    check_results(results, out, tok_ckpt)
     sampling = results["protocol"]["sampling"]
     assert (sampling["steps"], sampling["sampler"], sampling["cfg_scale"]) == (4, "heun", 1.5)
     assert sampling["cfg_interval"] == [0.1, 1.0]
@@ -176,7 +151,7 @@ def test_kl_tokenizer_latents_dit_samples_through_the_real_clis(tmp_path, env):
 
 @pytest.mark.slow
 def test_binary_tokenizer_bits_binary_diffusion_samples_through_the_real_clis(tmp_path, env):
-    shards, has_fid = env
+    shards = env
     tok_ckpt = train_tokenizer(tmp_path, "tokenizer/binary.yaml", shards, bits=8)
     codes = tmp_path / "bits"
     meta = extract_splits(tok_ckpt, shards, codes)
@@ -188,7 +163,7 @@ def test_binary_tokenizer_bits_binary_diffusion_samples_through_the_real_clis(tm
     assert load_generator(gen_ckpt).model.kind == "bits"
     out = tmp_path / "samples"
     results = sample(gen_ckpt, out, shards, "--steps", "16", "--temperature", "0.9")
-    check_results(results, out, tok_ckpt, has_fid)
+    check_results(results, out, tok_ckpt)
     sampling = results["protocol"]["sampling"]
     assert (sampling["steps"], sampling["sampler"], sampling["temperature"]) == (
         16,
