@@ -84,7 +84,7 @@ def to_channels_last(*modules: nn.Module | None) -> None:
 
 
 class GPTFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP with each transformer block (``generators.ar.Block``) as one shard
+    """Lightning's FSDP with each transformer block (``generators.layers.Block``) as one shard
     unit, for the largest generators (GPT-XL/XXL): parameters, gradients and optimizer state are
     split over the ranks instead of replicated. ``use_orig_params`` keeps the parameter objects
     visible, which ``torch.compile`` and per-tensor weight decay groups need; full state dicts
@@ -97,7 +97,7 @@ class GPTFSDPStrategy(FSDPStrategy):
         cpu_offload: bool = False,
         **kwargs,
     ):
-        from vistok.generators.ar import Block
+        from vistok.generators.layers import Block
 
         super().__init__(
             auto_wrap_policy={Block},

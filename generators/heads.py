@@ -27,6 +27,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from vistok.generators.layers import Block, RMSNorm  # the same Llama blocks as the GPT
+
 Pick = Callable[[Tensor], Tensor]
 
 
@@ -54,8 +56,6 @@ class GroupHead(nn.Module):
     def __init__(
         self, dim: int, groups: int, vocab_size: int, layers: int, heads: int, multiple_of: int
     ):
-        from vistok.generators.ar import Block, RMSNorm  # the same Llama blocks as the GPT
-
         super().__init__()
         self.factors, self.vocab = groups, vocab_size
         # Group g uses rows [g * V, (g + 1) * V) of both tables.

@@ -19,7 +19,8 @@ from vistok.common.speed import (
     resolve,
     to_channels_last,
 )
-from vistok.generators.ar import GPT, Block
+from vistok.generators.ar import GPT
+from vistok.generators.layers import Block
 from vistok.tokenizers.vq import VQTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
