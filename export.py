@@ -9,7 +9,7 @@ load it anywhere with ``vistok.load_tokenizer(folder or repo id)``.
 
 import argparse
 
-from vistok.common.export import export
+from vistok.generators.export import export
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

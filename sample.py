@@ -7,10 +7,23 @@ gFID. The checkpoint says which sampler runs.
     python sample.py --generator runs/dit/checkpoints/last.ckpt --steps 50 --sampler heun --cfg 1.5
     torchrun --nproc_per_node=8 sample.py ...   # each rank samples its share, rank 0 gathers
 
-See ``vistok.generators.inference`` for the outputs and the protocol written to results.json.
+See ``vistok.generators.inference`` for the outputs and the protocol written to results.json,
+``vistok.generators.sample_cli`` for the flags.
 """
 
-from vistok.generators.inference import main
+from typing import Any
+
+from vistok.generators.inference import sample
+from vistok.generators.sample_cli import parse_args
+from vistok.tokenizers.checkpoint import TokenizerMismatch
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    try:
+        return sample(parse_args(argv))
+    except (TokenizerMismatch, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+
 
 if __name__ == "__main__":
     main()

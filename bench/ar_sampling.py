@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.prepare:
         a.generator = str(prepare(Path(a.prepare), a.tok_steps, a.gen_steps))
     if a.generator:
-        from vistok.generators.inference import load_generator, resolve_tokenizer
+        from vistok.generators.checkpoint import load_generator  # only with --generator
+        from vistok.tokenizers.checkpoint import resolve_tokenizer  # only with --generator
 
         gen = load_generator(a.generator)
         model = gen.gpt

@@ -1,16 +1,14 @@
-"""Training checkpoint -> Hub folder with a model card (used by ``export.py``)."""
+"""What an exported Hub folder says about its training run: the model card, the training data and
+the last results of the run folder a checkpoint was written in (``vistok.tokenizers.export``,
+``vistok.generators.export``)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-from vistok.common.checkpoints import read_checkpoint
-from vistok.common.hub import CARD, push_folder, save_pretrained
 
 
 def run_folder(ckpt: Path) -> Path | None:
@@ -19,7 +17,7 @@ def run_folder(ckpt: Path) -> Path | None:
     return run if (run / "config.yaml").is_file() else None
 
 
-def _training_data(run: Path | None) -> str:
+def training_data(run: Path | None) -> str:
     if run is None:
         return "not recorded (checkpoint outside a vistok run folder)"
     data = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}
@@ -30,7 +28,7 @@ def _training_data(run: Path | None) -> str:
     return f"{shards}, at {args.get('resolution')} px"
 
 
-def _results(run: Path | None) -> dict[str, Any] | None:
+def last_results(run: Path | None) -> dict[str, Any] | None:
     path = run / "results.json" if run else None
     if not path or not path.is_file():
         return None
@@ -88,101 +86,3 @@ def model_card(config: dict[str, Any], results: dict[str, Any] | None, image: st
         "",
     ]
     return "\n".join(lines)
-
-
-def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
-    from vistok.data.codes import read_tokenizer
-
-    ckpt = Path(ckpt)
-    loaded = read_tokenizer(ckpt, ema=ema)
-    if ema and not loaded.identity["ema"]:
-        raise ValueError(f"{ckpt} has no EMA weights: export without --ema")
-    run = run_folder(ckpt)
-    info = {
-        "info": loaded.tokenizer.describe(),
-        "source_sha256": loaded.identity["sha256"],
-        "weights": "ema" if ema else "raw",
-        "source": ckpt.name,
-        "global_step": read_checkpoint(ckpt).get("global_step"),
-        "training_data": _training_data(run),
-    }
-    from vistok.tokenizers.posttrain import SOURCE_KEY, recorded_source
-
-    source = recorded_source(ckpt)
-    if source is not None:  # post-trained: the tokenizer whose codes it keeps, and their hash
-        info[SOURCE_KEY] = source
-    folder = save_pretrained(loaded.tokenizer, out, "tokenizer", info)
-    grids = sorted((run / "images").glob("recon_*.png")) if run else []
-    image = None
-    if grids:
-        shutil.copyfile(grids[-1], folder / "reconstructions.png")
-        image = "reconstructions.png"
-    config = json.loads((folder / "config.json").read_text())
-    (folder / CARD).write_text(model_card(config, _results(run), image))
-    return folder
-
-
-def export_generator(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
-    """The GPT, and its tokenizer in ``tokenizer/`` (checked against the recorded hash), so the
-    folder samples on its own."""
-    from vistok.generators.inference import load_generator, resolve_tokenizer
-
-    gen = load_generator(str(ckpt), ema=ema)
-    recorded = gen.hparams["tokenizer_identity"]
-    tok = resolve_tokenizer(recorded)
-    gpt, args = gen.gpt, gen.gpt.config["init_args"]
-    info = {
-        "info": {
-            "family": type(gpt).__name__,
-            "code_space": args["code_space"],
-            "token_shape": args["token_shape"],
-            "resolution": tok.tokenizer.resolution,
-            "num_classes": gpt.num_classes,
-        },
-        "weights": "ema" if gen.identity["ema"] else "raw",
-        "source": Path(ckpt).name,
-        "source_sha256": gen.identity["sha256"],
-        "global_step": read_checkpoint(ckpt).get("global_step"),
-        "training_data": "codes pre-extracted with the tokenizer in tokenizer/",
-        "tokenizer_identity": recorded,
-    }
-    folder = save_pretrained(gpt, out, "generator", info)
-    tok_info = {
-        "info": tok.tokenizer.describe(),
-        "source_sha256": recorded["sha256"],
-        "weights": "ema" if tok.identity["ema"] else "raw",
-    }
-    save_pretrained(tok.tokenizer, folder / "tokenizer", "tokenizer", tok_info)
-    config = json.loads((folder / "config.json").read_text())
-    # Each family's usual sampling settings (LlamaGen's CFG for AR, DiT's for diffusion).
-    flags = "--cfg 2.0" if type(gpt).__name__ == "GPT" else "--steps 50 --cfg 1.5"
-    usage = (
-        "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
-        f"--num-images 50000 {flags} --out samples/\n```\n"
-    )
-    card = model_card(config, None, None)
-    (folder / CARD).write_text(card[: card.index("## Use")] + usage)
-    return folder
-
-
-def export(
-    ckpt: str,
-    out: str,
-    ema: bool = False,
-    push: bool = False,
-    repo_id: str | None = None,
-    private: bool = False,
-    api=None,
-) -> Path:
-    hparams = read_checkpoint(ckpt).get("hyper_parameters") or {}
-    if "gpt_config" in hparams or "generator_config" in hparams:  # AR or diffusion generator
-        folder = export_generator(ckpt, out, ema)
-    elif "tokenizer" in hparams:
-        folder = export_tokenizer(ckpt, out, ema)
-    else:
-        raise ValueError(f"{ckpt} is neither a tokenizer nor a generator training checkpoint")
-    if push:
-        if not repo_id:
-            raise ValueError("--push needs --repo-id user/name")
-        print(f"uploaded to {push_folder(folder, repo_id, private, api=api)}")
-    return folder

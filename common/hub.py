@@ -20,6 +20,7 @@ from torch import nn
 
 from vistok.common.checkpoints import state_dict_problems
 from vistok.common.configurable import instantiate
+from vistok.common.version import package_version
 
 FORMAT_VERSION = 1  # bump when a folder written by this version cannot be read by older ones
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -29,15 +30,13 @@ def save_pretrained(
     module: nn.Module, out_dir: str | Path, kind: str, info: dict[str, Any] | None = None
 ) -> Path:
     """Write ``module`` (a Configurable nn.Module) as a Hub folder; returns the folder."""
-    from vistok import __version__
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Clone: safetensors refuses tensors that share storage or are not contiguous.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "kind": kind})
     config = {
-        "vistok_version": __version__,
+        "vistok_version": package_version(),
         "format_version": FORMAT_VERSION,
         "kind": kind,
         "model": module.config,

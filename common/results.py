@@ -10,11 +10,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from vistok.common.version import package_version
+
 
 def code_version() -> str:
     """The package version plus the git commit when run from a checkout."""
-    from vistok import __version__
-
+    version = package_version()
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -25,7 +26,7 @@ def code_version() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{__version__}+{commit}" if commit else __version__
+    return f"{version}+{commit}" if commit else version
 
 
 def _plain(value: Any) -> Any:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import TypedDict
 
 import torch
-from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 
 
@@ -81,29 +80,3 @@ def to_channels_last(*modules: nn.Module | None) -> None:
     for module in modules:
         if module is not None:
             module.to(memory_format=torch.channels_last)
-
-
-class GPTFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDP with each transformer block (``generators.layers.Block``) as one shard
-    unit, for the largest generators (GPT-XL/XXL): parameters, gradients and optimizer state are
-    split over the ranks instead of replicated. ``use_orig_params`` keeps the parameter objects
-    visible, which ``torch.compile`` and per-tensor weight decay groups need; full state dicts
-    keep checkpoints loadable without FSDP (sampling, export)."""
-
-    def __init__(
-        self,
-        sharding_strategy: str = "FULL_SHARD",
-        state_dict_type: str = "full",
-        cpu_offload: bool = False,
-        **kwargs,
-    ):
-        from vistok.generators.layers import Block
-
-        super().__init__(
-            auto_wrap_policy={Block},
-            sharding_strategy=sharding_strategy,
-            state_dict_type=state_dict_type,
-            cpu_offload=cpu_offload,
-            use_orig_params=True,
-            **kwargs,
-        )

@@ -1,4 +1,4 @@
-"""Pre-extracted tokenizer codes: the frozen tokenizer, the shard format, and their DataModule.
+"""Pre-extracted tokenizer codes: the shard format and their DataModule.
 
 A code folder (written by ``python -m vistok.data.extract_codes``) holds WebDataset shards
 ``{split}-000000.tar`` ... and ``meta.json``. Each sample is ``codes.npy`` (int16 or int32 codes
@@ -27,7 +27,7 @@ import random
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -36,13 +36,6 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from vistok.common.checkpoints import (
-    file_sha256,
-    load_strict,
-    read_checkpoint,
-    submodule_state,
-)
-from vistok.common.configurable import instantiate
 from vistok.data.image_decode import SHARD_REASON, parse_label
 from vistok.data.stream import DataQualityError, SkipStats, partition_shards
 
@@ -50,7 +43,7 @@ FORMAT = "vistok-codes-v1"
 META = "meta.json"
 
 # ---------------------------------------------------------------------------------------------
-# The frozen tokenizer
+# Per-channel statistics of continuous latents (meta.json)
 
 
 class LatentStats:
@@ -74,79 +67,6 @@ class LatentStats:
         std = np.sqrt(np.maximum(self.squares / self.count - np.square(mean), 0.0))
         # A channel the encoder never uses must not divide by zero.
         return {"mean": mean.tolist(), "std": np.maximum(std, 1e-6).tolist(), "count": self.count}
-
-
-class TokenizerCheckpoint(NamedTuple):
-    tokenizer: Any  # vistok.tokenizers.tokenizer.Tokenizer, eval mode, frozen
-    identity: dict[str, Any]  # path, sha256, class_path, ema
-
-
-def ema_names(tokenizer: torch.nn.Module, stage: str) -> list[str]:
-    """Parameter names in the order ``TokenizerModule``'s EMA stored its ``shadow_<i>`` buffers:
-    the tokenizer's trainable parameters, i.e. all but the parts frozen in that stage."""
-    from vistok.tokenizers.training import FROZEN_IN_STAGE
-
-    frozen = tuple(f"{name}." for name in FROZEN_IN_STAGE.get(stage, ()))
-    return [n for n, _ in tokenizer.named_parameters() if not n.startswith(frozen)]
-
-
-def read_tokenizer(
-    path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
-) -> TokenizerCheckpoint:
-    """Rebuild a tokenizer from a ``TokenizerModule`` checkpoint: its config from
-    ``hyper_parameters["tokenizer"]``, its weights (``tokenizer.*``) loaded strictly, then the EMA
-    shadows (``ema.shadow_<i>``) copied in when ``ema`` is set and the checkpoint has them.
-
-    An exported folder (or Hub id) is read as exported; its identity is the checkpoint it was
-    exported from, so codes and generators stay paired across export."""
-    if not str(path).endswith(".ckpt"):
-        from vistok.common.hub import load_pretrained
-
-        tokenizer, config = load_pretrained(path, kind="tokenizer", device=device)
-        identity = {
-            "path": str(path),
-            "sha256": config.get("source_sha256"),
-            "class_path": config["model"]["class_path"],
-            "ema": config.get("weights") == "ema",
-        }
-        return TokenizerCheckpoint(tokenizer, identity)
-    ckpt = read_checkpoint(path)
-    hparams = ckpt.get("hyper_parameters") or {}
-    config = hparams.get("tokenizer")
-    if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(f"{path} is not a tokenizer checkpoint (no hyper_parameters.tokenizer)")
-    tokenizer = instantiate(config)
-    state = ckpt["state_dict"]
-    load_strict(tokenizer, submodule_state(state, "tokenizer"), str(path))
-    shadows = submodule_state(state, "ema")
-    used_ema = False
-    if ema and any(k.startswith("shadow_") for k in shadows):
-        names = ema_names(tokenizer, hparams.get("stage", "main"))
-        count = sum(k.startswith("shadow_") for k in shadows)
-        if count != len(names):
-            raise ValueError(
-                f"{path}: {count} EMA shadows for {len(names)} trainable tokenizer parameters"
-            )
-        with torch.no_grad():
-            for i, name in enumerate(names):
-                param, shadow = tokenizer.get_parameter(name), shadows[f"shadow_{i}"]
-                if param.shape != shadow.shape:
-                    raise ValueError(f"{path}: EMA shadow_{i} does not fit {name}")
-                param.copy_(shadow)
-        used_ema = True
-    tokenizer.requires_grad_(False).eval().to(device)
-    identity = {
-        "path": str(Path(path).resolve()),
-        "sha256": file_sha256(path),
-        "class_path": config["class_path"],
-        "ema": used_ema,
-    }
-    return TokenizerCheckpoint(tokenizer, identity)
-
-
-def load_tokenizer_from_checkpoint(path: str | os.PathLike, ema: bool = True, device="cpu"):
-    """The frozen tokenizer (eval mode, EMA weights when asked for and present)."""
-    return read_tokenizer(path, ema, device).tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

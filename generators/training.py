@@ -16,6 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 
 from vistok.common.checkpoints import config_differences
@@ -23,7 +24,8 @@ from vistok.common.ema import EMA
 from vistok.common.images import save_grid
 from vistok.common.schedule import warmup_cosine
 from vistok.common.speed import compile_modules, fused_available, resolve
-from vistok.data.codes import read_tokenizer
+from vistok.generators.layers import Block
+from vistok.tokenizers.checkpoint import read_tokenizer
 
 _NOT_HPARAMS = ("self", "__class__", "tok", "identity", "net", "kwargs")
 
@@ -175,4 +177,28 @@ def check_codes_match(meta: dict, identity: dict, net: nn.Module) -> None:
         raise ValueError(
             f"the codes carry {labels} classes but the generator has "
             f"num_classes={net.num_classes}: set --model.init_args.num_classes {labels}"
+        )
+
+
+class GPTFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP with each transformer block (``generators.layers.Block``) as one shard
+    unit, for the largest generators (GPT-XL/XXL): parameters, gradients and optimizer state are
+    split over the ranks instead of replicated. ``use_orig_params`` keeps the parameter objects
+    visible, which ``torch.compile`` and per-tensor weight decay groups need; full state dicts
+    keep checkpoints loadable without FSDP (sampling, export)."""
+
+    def __init__(
+        self,
+        sharding_strategy: str = "FULL_SHARD",
+        state_dict_type: str = "full",
+        cpu_offload: bool = False,
+        **kwargs,
+    ):
+        super().__init__(
+            auto_wrap_policy={Block},
+            sharding_strategy=sharding_strategy,
+            state_dict_type=state_dict_type,
+            cpu_offload=cpu_offload,
+            use_orig_params=True,
+            **kwargs,
         )

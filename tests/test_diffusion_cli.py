@@ -15,9 +15,9 @@ import torch
 from helpers import class_shards, run
 
 from vistok.common.checkpoints import read_checkpoint
-from vistok.common.export import export
 from vistok.data.codes import CodeDataModule, file_sha256
 from vistok.data.extract_codes import extract
+from vistok.generators.export import export
 from vistok.generators.inference import load_generator
 from vistok.generators.inference import main as sample_main
 

@@ -9,8 +9,8 @@ from helpers import TINY, run
 from safetensors.torch import load_file, save_file
 
 from vistok import load_tokenizer
-from vistok.common.export import export
 from vistok.common.hub import load_pretrained, save_pretrained
+from vistok.generators.export import export
 from vistok.tokenizers.binary import BINARY_PRESETS, BinaryTokenizer
 from vistok.tokenizers.gaussian import KL_PRESETS, KLTokenizer
 from vistok.tokenizers.gpstoken import GPSTOKEN_PRESETS, GPSToken

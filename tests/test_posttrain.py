@@ -12,8 +12,8 @@ from helpers import run
 from test_ar_cli import image_shards, save_generator, save_tokenizer
 
 from vistok.common.checkpoints import read_checkpoint, submodule_state
-from vistok.common.export import export
 from vistok.data.codes import file_sha256, load_tokenizer_from_checkpoint
+from vistok.generators.export import export
 from vistok.generators.inference import TokenizerMismatch, load_generator, resolve_tokenizer
 from vistok.losses.tokenizer_loss import TokenizerLoss
 from vistok.tokenizers.perturbation import LatentPerturbation

@@ -13,7 +13,6 @@ from helpers import ROOT
 
 from vistok.common.cli import _with_bases, native_precision
 from vistok.common.speed import (
-    GPTFSDPStrategy,
     compile_modules,
     fused_available,
     resolve,
@@ -21,6 +20,7 @@ from vistok.common.speed import (
 )
 from vistok.generators.ar import GPT
 from vistok.generators.layers import Block
+from vistok.generators.training import GPTFSDPStrategy
 from vistok.tokenizers.vq import VQTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,7 +146,7 @@ def test_speed_and_fsdp_presets_resolve_to_real_options():
     resolved = resolve(speed, "cuda")
     assert resolved["activation_checkpointing"] and resolved["compile"]
     strategy = layers[-1]["trainer"]["strategy"]
-    assert strategy["class_path"] == "vistok.common.speed.GPTFSDPStrategy"
+    assert strategy["class_path"] == "vistok.generators.training.GPTFSDPStrategy"
     fsdp = GPTFSDPStrategy(**strategy["init_args"])
     assert fsdp.kwargs["use_orig_params"]
     assert Block in fsdp.kwargs["auto_wrap_policy"]._module_classes  # one shard unit per block

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from vistok.common.images import to_uint8
+from vistok.tokenizers.checkpoint import read_tokenizer
 
 
 def ellipse_polygon(
@@ -112,8 +113,6 @@ def _load_images(paths: list[str], resolution: int) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from vistok import load_tokenizer
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="GPSToken checkpoint or exported folder")
     p.add_argument("--images", nargs="+", required=True, help="image files")
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     p.add_argument("--raw", action="store_true", help="a checkpoint's raw weights, not its EMA")
     a = p.parse_args(argv)
-    tok = load_tokenizer(a.tokenizer, ema=not a.raw)
+    tok = read_tokenizer(a.tokenizer, ema=not a.raw).tokenizer
     if not hasattr(tok, "split_tokens"):
         raise SystemExit(f"error: {a.tokenizer} holds a {type(tok).__name__}, not a GPSToken")
     images = _load_images(a.images, tok.resolution)

@@ -41,21 +41,12 @@ from vistok.common.speed import (
     to_channels_last,
 )
 from vistok.losses.tokenizer_loss import TokenizerLoss
+from vistok.tokenizers.checkpoint import FROZEN_IN_STAGE, SOURCE_KEY, verify_codes_unchanged
 from vistok.tokenizers.perturbation import LatentPerturbation
-from vistok.tokenizers.posttrain import (
-    SOURCE_KEY,
-    load_source,
-    source_config,
-    verify_codes_unchanged,
-)
+from vistok.tokenizers.posttrain import load_source, source_config
 from vistok.tokenizers.tokenizer import Tokenizer
 
 Stage = Literal["main", "generative_decoder", "post_train"]
-FROZEN_IN_STAGE = {
-    "main": (),
-    "generative_decoder": ("encoder", "proj_in", "quantizer"),
-    "post_train": ("encoder", "proj_in", "quantizer"),
-}
 
 
 class TokenizerModule(pl.LightningModule):

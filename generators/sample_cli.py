@@ -1,0 +1,81 @@
+"""sample.py's options, parsed here so that commands which forward options to sampling
+(``vistok.evaluation.posttrain``) read them with the same parser; ``sample.py`` runs them."""
+
+from __future__ import annotations
+
+import argparse
+
+from vistok.generators.inference import DEFAULT_STEPS
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample images from a generator checkpoint.")
+    p.add_argument("--generator", required=True, help="generator checkpoint (.ckpt)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one it was trained on")
+    p.add_argument("--num-images", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
+    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("START", "END"),
+        help="fraction with guidance: of token positions (AR), of the way from noise to data "
+        "(diffusion)",
+    )
+    p.add_argument(
+        "--steps", type=int, help=f"diffusion: integration steps (default {DEFAULT_STEPS})"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["euler", "heun"],
+        help="flow matching: ODE solver (default euler; heun costs 2 evaluations per step)",
+    )
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="AR logits; binary diffusion bit logits"
+    )
+    p.add_argument(
+        "--speculative",
+        choices=["off", "jacobi"],
+        default="off",
+        help="AR: speculative Jacobi decoding, the same distribution in fewer forward passes",
+    )
+    p.add_argument("--window", type=int, default=16, help="draft tokens verified per pass")
+    p.add_argument(
+        "--relaxed",
+        choices=["none", "lantern"],
+        default="none",
+        help="approximate LANTERN acceptance over latent neighbours (TV <= delta per token)",
+    )
+    p.add_argument("--lantern-k", type=int, default=1000, help="neighbours per code")
+    p.add_argument("--lantern-delta", type=float, default=0.1, help="TV budget per token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", choices=["balanced", "random"], default="balanced")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA generator weights (default: when the checkpoint has them)",
+    )
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--fid",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="gFID against the reference shards (auto: when available)",
+    )
+    p.add_argument("--ref-shards", help="real images for gFID; default: embedded val split")
+    p.add_argument("--ref-count", type=int, help="images in --ref-shards (default: counted)")
+    args = p.parse_args(argv)
+    if args.num_images < 1 or args.batch_size < 1:
+        p.error("--num-images and --batch-size must be >= 1")
+    if args.relaxed != "none" and args.speculative == "off":
+        p.error("--relaxed is an acceptance rule of --speculative jacobi: add that flag")
+    if args.window < 1 or args.lantern_k < 1 or not 0 <= args.lantern_delta <= 1:
+        p.error("need --window >= 1, --lantern-k >= 1 and 0 <= --lantern-delta <= 1")
+    return args
