@@ -13,16 +13,11 @@ See ``vistok.generators.inference`` for the outputs and the protocol written to 
 
 from typing import Any
 
-from vistok.generators.inference import sample
-from vistok.generators.sample_cli import parse_args
-from vistok.tokenizers.checkpoint import TokenizerMismatch
+from vistok.generators.sample_cli import parse_args, sample_or_exit
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    try:
-        return sample(parse_args(argv))
-    except (TokenizerMismatch, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from e
+    return sample_or_exit(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,16 +4,16 @@
         --after runs/robustok/checkpoints/last.ckpt --pairs pairs/ --out posttrain_eval/ \
         --num-images 50000 --cfg 6.0 --temperature 1.02 --seed 0      # any sample.py option
 
-runs ``sample.py`` twice with everything equal but ``--tokenizer``: the tokenizer the generator
-was trained on (``--before``, default the generator's own) and the post-trained one (``--after``,
-accepted because its code-defining parts are verified to be the source's). Sampling depends on the
-generator and the seeds only, so both runs decode the same code maps; only the decoder differs.
-Outputs under ``--out``: ``before/`` and ``after/`` (sample.py's outputs), ``results.json`` with
-both gFIDs, their difference and the shared protocol (refused if the two protocols differ in
-anything but the tokenizer), ``samples_before_after.png`` (the same generated codes decoded
-before, top, and after, bottom) and, with ``--pairs``, PSNR against the real images of their
-reconstructions and of their teacher-forced code maps decoded before and after post-training
-(up to 256 pairs of the folder's ``val`` split, else ``train``) under ``pairs``, and
+samples twice (``sample.py``'s library call) with everything equal but ``--tokenizer``: the
+tokenizer the generator was trained on (``--before``, default the generator's own) and the post-
+trained one (``--after``, accepted because its code-defining parts are verified to be the
+source's). Sampling depends on the generator and the seeds only, so both runs decode the same code
+maps; only the decoder differs. Outputs under ``--out``: ``before/`` and ``after/`` (sample.py's
+outputs), ``results.json`` with both gFIDs, their difference and the shared protocol (refused if
+the two protocols differ in anything but the tokenizer), ``samples_before_after.png`` (the same
+generated codes decoded before, top, and after, bottom) and, with ``--pairs``, PSNR against the
+real images of their reconstructions and of their teacher-forced code maps decoded before and after
+post-training (up to 256 pairs of the folder's ``val`` split, else ``train``) under ``pairs``, and
 ``side_by_side.png``: real images, reconstructions before / after, generated code maps decoded
 before / after.
 
@@ -32,6 +32,11 @@ import numpy as np
 import torch
 
 from vistok.common.images import save_grid
+from vistok.data.pairs import PairDataModule, read_pairs_meta
+from vistok.generators.checkpoint import load_generator
+from vistok.generators.sample_cli import parse_args as parse_sample_args
+from vistok.generators.sample_cli import sample_or_exit
+from vistok.tokenizers.checkpoint import read_tokenizer
 
 _OWN = ("--tokenizer", "--out")
 
@@ -78,9 +83,6 @@ def on_pairs(pairs: str, before: str, after: str, out: Path, count: int = 256) -
     """Numbers and ``side_by_side.png`` on up to ``count`` pairs (the ``val`` split when the
     folder has one, else ``train``). PNG rows: real images, their reconstructions before /
     after, their teacher-forced code maps decoded before / after post-training."""
-    from vistok.data.codes import read_tokenizer
-    from vistok.data.pairs import PairDataModule, read_pairs_meta
-
     split = "val" if "val" in read_pairs_meta(pairs)["splits"] else "train"
     data = PairDataModule(pairs, val_split=split, val_batch_size=32, num_workers=0)
     toks = {"before": read_tokenizer(before).tokenizer, "after": read_tokenizer(after).tokenizer}
@@ -133,18 +135,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from vistok.generators import inference
-
     args, rest = parse_args(argv)
     out = Path(args.out)
     before = args.before
     if before is None:
-        recorded = inference.load_generator(args.generator).hparams["tokenizer_identity"]
+        recorded = load_generator(args.generator).hparams["tokenizer_identity"]
         before = recorded.get("folder") or recorded["path"]
     if not args.compare_only:
         for side, tok in (("before", before), ("after", args.after)):
-            sample = ["--generator", args.generator, "--tokenizer", tok, "--out", str(out / side)]
-            inference.main([*sample, *rest])
+            own = ["--generator", args.generator, "--tokenizer", tok, "--out", str(out / side)]
+            sample_or_exit(parse_sample_args([*own, *rest]))
     runs = {s: json.loads((out / s / "results.json").read_text()) for s in ("before", "after")}
     results = compare(runs["before"], runs["after"])
     results["runs"] = {s: f"{s}/results.json" for s in runs}

@@ -1,11 +1,22 @@
-"""sample.py's options, parsed here so that commands which forward options to sampling
-(``vistok.evaluation.posttrain``) read them with the same parser; ``sample.py`` runs them."""
+"""sample.py's options and how a command runs them. They live here, not in ``sample.py``, because
+another command forwards options to sampling (``vistok.evaluation.posttrain``) and must read them
+with the same parser; entry scripts are never imported."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from vistok.generators.inference import DEFAULT_STEPS
+from vistok.generators.inference import DEFAULT_STEPS, sample
+from vistok.tokenizers.checkpoint import TokenizerMismatch
+
+
+def sample_or_exit(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``sample(args)`` with a wrong or missing tokenizer reported as a command-line error."""
+    try:
+        return sample(args)
+    except (TokenizerMismatch, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

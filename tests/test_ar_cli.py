@@ -10,20 +10,16 @@ import pytest
 import torch
 from helpers import ROOT, class_shards, photo_crops, run
 
-from vistok.common.checkpoints import read_checkpoint
-from vistok.data.codes import (
-    CodeDataModule,
-    CodeStream,
-    file_sha256,
-    load_tokenizer_from_checkpoint,
-)
+from vistok.common.checkpoints import file_sha256, read_checkpoint
+from vistok.data.codes import CodeDataModule, CodeStream
 from vistok.data.datamodule import ImageDataModule
-from vistok.data.extract_codes import extract
 from vistok.data.make_shards import shard_pattern, write_shards
 from vistok.generators.ar_training import ARModule
-from vistok.generators.inference import load_generator
-from vistok.generators.inference import main as sample_main
+from vistok.generators.checkpoint import load_generator
 from vistok.generators.training import check_codes_match
+from vistok.sample import main as sample_main
+from vistok.tokenizers.checkpoint import load_tokenizer_from_checkpoint
+from vistok.tokenizers.extract_codes import extract
 from vistok.tokenizers.vq import VQTokenizer
 
 TINY_VQ = dict(

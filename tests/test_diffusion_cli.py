@@ -14,12 +14,12 @@ import pytest
 import torch
 from helpers import class_shards, run
 
-from vistok.common.checkpoints import read_checkpoint
-from vistok.data.codes import CodeDataModule, file_sha256
-from vistok.data.extract_codes import extract
+from vistok.common.checkpoints import file_sha256, read_checkpoint
+from vistok.data.codes import CodeDataModule
+from vistok.generators.checkpoint import load_generator
 from vistok.generators.export import export
-from vistok.generators.inference import load_generator
-from vistok.generators.inference import main as sample_main
+from vistok.sample import main as sample_main
+from vistok.tokenizers.extract_codes import extract
 
 TINY_CNN = dict(resolution=32, channels=16, num_res_blocks=1, channel_mult=[1, 2, 2])
 

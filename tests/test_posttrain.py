@@ -11,13 +11,19 @@ import torch
 from helpers import run
 from test_ar_cli import image_shards, save_generator, save_tokenizer
 
-from vistok.common.checkpoints import read_checkpoint, submodule_state
-from vistok.data.codes import file_sha256, load_tokenizer_from_checkpoint
+from vistok.common.checkpoints import file_sha256, read_checkpoint, submodule_state
+from vistok.generators.checkpoint import load_generator
 from vistok.generators.export import export
-from vistok.generators.inference import TokenizerMismatch, load_generator, resolve_tokenizer
 from vistok.losses.tokenizer_loss import TokenizerLoss
+from vistok.tokenizers.checkpoint import (
+    CODE_PARTS,
+    CodeDrift,
+    TokenizerMismatch,
+    code_hash,
+    load_tokenizer_from_checkpoint,
+    resolve_tokenizer,
+)
 from vistok.tokenizers.perturbation import LatentPerturbation
-from vistok.tokenizers.posttrain import CODE_PARTS, CodeDrift, code_hash
 from vistok.tokenizers.training import TokenizerModule
 
 CODE_PREFIXES = tuple(f"{p}." for p in CODE_PARTS)

@@ -13,11 +13,13 @@ from helpers import ROOT, run
 from PIL import Image
 from test_ar_cli import image_shards, save_generator, save_tokenizer
 
+from vistok.common.checkpoints import file_sha256
 from vistok.common.images import to_uint8
-from vistok.data.codes import decode_codes, file_sha256, load_tokenizer_from_checkpoint
+from vistok.data.codes import decode_codes
 from vistok.data.datamodule import ImageDataModule
-from vistok.data.make_posttrain_pairs import main as make_pairs
 from vistok.data.pairs import PairDataModule
+from vistok.generators.posttrain_pairs import main as make_pairs
+from vistok.tokenizers.checkpoint import load_tokenizer_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,8 +165,8 @@ def test_continuous_pairs_partially_noise_and_denoise_and_post_train(tmp_path):
 
     from vistok.generators.diffusion_training import DiffusionModule
     from vistok.losses.tokenizer_loss import TokenizerLoss
+    from vistok.tokenizers.checkpoint import CODE_PARTS
     from vistok.tokenizers.gaussian import KLTokenizer
-    from vistok.tokenizers.posttrain import CODE_PARTS
     from vistok.tokenizers.training import TokenizerModule
 
     torch.manual_seed(0)

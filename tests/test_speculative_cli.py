@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_ar_cli import save_generator, save_tokenizer
 
-from vistok.generators.inference import main as sample_main
+from vistok.sample import main as sample_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
