@@ -28,8 +28,11 @@ from pathlib import Path
 import torch
 
 from vistok.generators.ar import GPT
+from vistok.generators.checkpoint import load_generator
+from vistok.generators.gfid import fid_unavailable, make_fid
 from vistok.generators.sampling import SamplingConfig, generate
 from vistok.generators.speculative import Neighbours, SpeculativeConfig, speculative_generate
+from vistok.tokenizers.checkpoint import resolve_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,9 +137,6 @@ def main(argv: list[str] | None = None) -> None:
     if a.prepare:
         a.generator = str(prepare(Path(a.prepare), a.tok_steps, a.gen_steps))
     if a.generator:
-        from vistok.generators.checkpoint import load_generator  # only with --generator
-        from vistok.tokenizers.checkpoint import resolve_tokenizer  # only with --generator
-
         gen = load_generator(a.generator)
         model = gen.gpt
         tokenizer = resolve_tokenizer(gen.hparams["tokenizer_identity"]).tokenizer
@@ -200,8 +200,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def report_fid(model, tokenizer, config, modes, a) -> None:
     """gFID of ``a.fid`` samples per mode against the embedded validation split."""
-    from vistok.generators.gfid import fid_unavailable, make_fid
-
     skipped = fid_unavailable()
     if skipped:
         print(f"gFID skipped: {skipped}")

@@ -50,7 +50,9 @@ def _rss_kib(field: str) -> int:
 def worker(bits: int, groups: int, batch: int, repeats: int, device: str) -> dict:
     import torch
 
-    from vistok.tokenizers.quantizers.lfq import LFQ
+    from vistok.tokenizers.quantizers.lfq import (
+        LFQ,  # in the measured subprocess, after its baseline
+    )
 
     q = LFQ(bits=bits, groups=groups).train().to(device)
 

@@ -47,7 +47,10 @@ def layout(num: int, device: str):
     import torch.nn.functional as F
     from skimage import data
 
-    from vistok.tokenizers.nets.partition import boxes_to_geometry, entropy_partition
+    from vistok.tokenizers.nets.partition import (  # in the measured subprocess, after its baseline
+        boxes_to_geometry,
+        entropy_partition,
+    )
 
     photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
     images = []
@@ -62,7 +65,10 @@ def layout(num: int, device: str):
 def worker(mode: str, num: int, repeats: int, device: str, tile: int) -> dict:
     import torch
 
-    from vistok.tokenizers.nets.splatting import render_dense, render_tiled
+    from vistok.tokenizers.nets.splatting import (  # in the measured subprocess, after its baseline
+        render_dense,
+        render_tiled,
+    )
 
     geometry = layout(num, device)
     gen = torch.Generator().manual_seed(0)
@@ -117,7 +123,9 @@ def worker(mode: str, num: int, repeats: int, device: str, tile: int) -> dict:
             else:
                 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     # How much the tiles cull: the busiest tile's Gaussian count, as the tiled renderer pads to it.
-    from vistok.tokenizers.nets.splatting import gaussian_boxes
+    from vistok.tokenizers.nets.splatting import (
+        gaussian_boxes,  # in the measured subprocess, after its baseline
+    )
 
     box = gaussian_boxes(geometry.cpu())
     covered = ((box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1]) / 4).clamp(max=1)

@@ -49,6 +49,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
+from vistok.data.default_dataset import default_shards
 from vistok.data.image_decode import ImageDecoder
 from vistok.data.stream import ShardStream, SkipStats, StreamLoader, expand_shards
 
@@ -147,8 +148,6 @@ class ImageDataModule(pl.LightningDataModule):
     # -- internals --------------------------------------------------------------------------
     def _urls(self, spec: str | None, split: str) -> list[str]:
         if spec is None:
-            from vistok.data.default_dataset import default_shards
-
             spec = default_shards(split)
         urls = expand_shards(spec)
         # Local paths may use ~; URLs (pipe:, http:, s3: ...) are left as written.

@@ -47,9 +47,11 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from vistok.common.images import save_grid
+from vistok.data.default_dataset import VERSION
 from vistok.evaluation.fid import FID
 from vistok.evaluation.metrics import PSNR, SSIM, BitBalance, CodebookUsage
 from vistok.evaluation.pfid import reconstruct_with_perturbations, strength_tag
+from vistok.losses.perceptual import LPIPS
 
 DEFINITIONS = {
     "rfid": "FID(reconstructions, originals) of the evaluated images; Inception pool3",
@@ -227,8 +229,6 @@ class ReconstructionEval(pl.Callback):
         metrics: dict[str, Any] = {"psnr_full": PSNR(), "ssim": SSIM()}
         if self.use_lpips:
             if self._lpips is None:
-                from vistok.losses.perceptual import LPIPS
-
                 self._lpips = LPIPS()
             self._lpips.to(device)
             metrics["lpips"] = MeanMetric()
@@ -294,8 +294,6 @@ class ReconstructionEval(pl.Callback):
         data = trainer.datamodule
         spec = getattr(data, "val_shards", None)
         if data is not None and spec is None and hasattr(data, "val_shards"):
-            from vistok.data.default_dataset import VERSION
-
             return f"vistok-default-{VERSION}-val"
         if spec:
             stem = Path(str(spec).split("::")[0]).parent.name or "val"

@@ -5,8 +5,8 @@
         --num-images 50000 --cfg 6.0 --temperature 1.02 --seed 0      # any sample.py option
 
 samples twice (``sample.py``'s library call) with everything equal but ``--tokenizer``: the
-tokenizer the generator was trained on (``--before``, default the generator's own) and the post-
-trained one (``--after``, accepted because its code-defining parts are verified to be the
+tokenizer the generator was trained on (``--before``, default the generator's own) and the
+post-trained one (``--after``, accepted because its code-defining parts are verified to be the
 source's). Sampling depends on the generator and the seeds only, so both runs decode the same code
 maps; only the decoder differs. Outputs under ``--out``: ``before/`` and ``after/`` (sample.py's
 outputs), ``results.json`` with both gFIDs, their difference and the shared protocol (refused if

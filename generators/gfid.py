@@ -16,14 +16,17 @@ from typing import Any
 
 import torch
 
+from vistok.data.datamodule import ImageDataModule
+from vistok.data.default_dataset import default_shards
 from vistok.data.image_decode import IMAGE_KEYS
+from vistok.data.stream import expand_shards
+from vistok.evaluation.inception import fid_weights_path
 
 
 def fid_unavailable() -> str | None:
     """Why gFID cannot be computed here, or None when it can."""
     try:
-        from vistok.evaluation.fid import FID  # noqa: F401
-        from vistok.evaluation.inception import fid_weights_path
+        from vistok.evaluation.fid import FID  # noqa: F401  (torchmetrics' FID needs torch-fidelity)
 
         fid_weights_path()
     except (ImportError, FileNotFoundError, ValueError) as e:
@@ -33,8 +36,6 @@ def fid_unavailable() -> str | None:
 
 def count_images(spec: str) -> int:
     """Samples with an image member in local tar shards (headers only, nothing decoded)."""
-    from vistok.data.stream import expand_shards
-
     keys = set()
     for url in expand_shards(spec):
         path = os.path.expanduser(url)
@@ -51,8 +52,6 @@ def count_images(spec: str) -> int:
 def reference_spec(spec: str | None) -> str:
     if spec is not None:
         return spec
-    from vistok.data.default_dataset import default_shards
-
     return default_shards("val")
 
 
@@ -66,8 +65,7 @@ def make_fid(
     batch_size: int = 32,
 ) -> tuple[Any, dict[str, Any]]:
     """An FID metric holding the reference statistics, and the reference's protocol."""
-    from vistok.data.datamodule import ImageDataModule
-    from vistok.evaluation.fid import FID
+    from vistok.evaluation.fid import FID  # optional: checked by fid_unavailable
 
     spec = reference_spec(ref_shards)
     count = count if count is not None else count_images(spec)

@@ -34,6 +34,7 @@ from vistok.common.results import code_version
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import GeneratorCheckpoint, load_generator
 from vistok.generators.diffusion import DiffusionSampling
+from vistok.generators.gfid import fid_unavailable, make_fid
 from vistok.generators.sampling import SamplingConfig, generate
 from vistok.generators.speculative import (
     Neighbours,
@@ -166,8 +167,6 @@ def setup_fid(args: argparse.Namespace, resolution: int, device, rank: int, worl
     if args.fid == "off":
         skipped = "disabled (--fid off)"
     else:
-        from vistok.generators.gfid import fid_unavailable, make_fid  # optional FID weights
-
         skipped = fid_unavailable()
         if skipped and args.fid == "on":
             raise SystemExit(f"error: gFID requested but unavailable: {skipped}")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from vistok.generators.ar import GPT
+from vistok.generators.diffusion import DiffusionSampling
 from vistok.generators.sampling import (
     Picker,
     SamplingConfig,
@@ -200,8 +201,6 @@ def partially_denoised(
     sample's result does not depend on its batch (for one sample and a generator seeded with its
     seed the two are identical).
     """
-    from vistok.generators.diffusion import DiffusionSampling
-
     if not 0.0 < t <= 1.0:
         raise ValueError(f"t must be in (0, 1], got {t}")
     if len(seeds) != latents.shape[0]:

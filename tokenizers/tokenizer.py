@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from vistok.common.configurable import Configurable
+from vistok.tokenizers.nets.cnn import Decoder, Encoder
 from vistok.tokenizers.quantizers.base import CodeSpace, Quantizer, QuantizerOutput
 
 
@@ -118,8 +119,6 @@ class ConvArgs(TypedDict, total=False):
 
 def conv_nets(cfg: dict[str, Any], **decoder_options: Any) -> tuple[nn.Module, nn.Module]:
     """The CNN encoder and its mirrored decoder from a resolved family config."""
-    from vistok.tokenizers.nets.cnn import Decoder, Encoder
-
     shared = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg}
     return Encoder(**shared), Decoder(**shared, **decoder_options)
 
