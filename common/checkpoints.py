@@ -90,32 +90,3 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
 def submodule_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     prefix = prefix.rstrip(".") + "."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_tokenizer_weights(tokenizer: nn.Module, path: str | Path, stage: str = "main") -> None:
-    """Initialise ``tokenizer`` from a tokenizer training checkpoint (e.g. WeTok stage 1).
-
-    The checkpoint must hold the same tokenizer family; for the ``generative_decoder`` stage the
-    decoder takes the stage-1 decoder with its extra noise inputs zero-initialised.
-    """
-    ckpt = read_checkpoint(path)
-    found = ckpt.get("hyper_parameters", {}).get("tokenizer", {}).get("class_path")
-    expected = tokenizer.config["class_path"]
-    if found != expected:
-        raise ValueError(f"{path} holds a {found!r} tokenizer, not a {expected!r}")
-    state = submodule_state(ckpt["state_dict"], "tokenizer")
-    if stage == "generative_decoder" and getattr(tokenizer.decoder, "noise_channels", 0):
-        decoder_state = submodule_state(state, "decoder")
-        rest = {k: v for k, v in state.items() if not k.startswith("decoder.")}
-        own_rest = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("decoder.")}
-        problems = [
-            p
-            for p in state_dict_problems(tokenizer, {**own_rest, **rest})
-            if not p.startswith("missing key decoder.")
-        ]
-        if problems:
-            raise ValueError(f"{path} does not fit this tokenizer: {problems[:20]}")
-        tokenizer.load_state_dict({**tokenizer.state_dict(), **rest})
-        tokenizer.decoder.load_stage1(decoder_state)
-    else:
-        load_strict(tokenizer, state, str(path))

@@ -116,10 +116,8 @@ def sample(args: argparse.Namespace) -> dict[str, Any] | None:
         parts, spec_stats = gather(parts, spec_stats, sampler.spec is not None, rank, world)
     results = None
     if rank == 0:
-        arrays = np.concatenate([p[1] for p in parts])[
-            np.argsort(np.concatenate([p[0] for p in parts]))
-        ]
-        write_images(out, arrays, labels)
+        order = np.argsort(np.concatenate([p[0] for p in parts]))
+        write_images(out, np.concatenate([p[1] for p in parts])[order], labels)
         results = {
             "gfid": gfid,
             "gfid_skipped": skipped,

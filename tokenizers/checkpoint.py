@@ -28,16 +28,21 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vistok.common.checkpoints import file_sha256, load_strict, read_checkpoint, submodule_state
+from vistok.common.checkpoints import (
+    file_sha256,
+    load_strict,
+    read_checkpoint,
+    state_dict_problems,
+    submodule_state,
+)
 from vistok.common.configurable import instantiate
 from vistok.common.hub import CONFIG, load_pretrained, resolve_folder
 
-# Parts of the tokenizer that each training stage keeps frozen (and out of the EMA).
-FROZEN_IN_STAGE = {
-    "main": (),
-    "generative_decoder": ("encoder", "proj_in", "quantizer"),
-    "post_train": ("encoder", "proj_in", "quantizer"),
-}
+# The parts that turn images into codes and codes into latents (encoder, input projection,
+# quantizer with its codebook); the stages after the first keep them frozen (and out of the EMA).
+CODE_PARTS = ("encoder", "proj_in", "quantizer")
+FROZEN_IN_STAGE = {"main": (), "generative_decoder": CODE_PARTS, "post_train": CODE_PARTS}
+SOURCE_KEY = "source_tokenizer"  # where a post-trained tokenizer records its source
 
 
 class TokenizerMismatch(ValueError):
@@ -113,12 +118,37 @@ def load_tokenizer_from_checkpoint(path: str | os.PathLike, ema: bool = True, de
     return read_tokenizer(path, ema, device).tokenizer
 
 
+def load_tokenizer_weights(tokenizer: nn.Module, path: str | Path, stage: str = "main") -> None:
+    """Initialise ``tokenizer`` from a tokenizer training checkpoint (e.g. WeTok stage 1).
+
+    The checkpoint must hold the same tokenizer family; for the ``generative_decoder`` stage the
+    decoder takes the stage-1 decoder with its extra noise inputs zero-initialised.
+    """
+    ckpt = read_checkpoint(path)
+    found = ckpt.get("hyper_parameters", {}).get("tokenizer", {}).get("class_path")
+    expected = tokenizer.config["class_path"]
+    if found != expected:
+        raise ValueError(f"{path} holds a {found!r} tokenizer, not a {expected!r}")
+    state = submodule_state(ckpt["state_dict"], "tokenizer")
+    if stage == "generative_decoder" and getattr(tokenizer.decoder, "noise_channels", 0):
+        decoder_state = submodule_state(state, "decoder")
+        rest = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+        own_rest = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith("decoder.")}
+        problems = [
+            p
+            for p in state_dict_problems(tokenizer, {**own_rest, **rest})
+            if not p.startswith("missing key decoder.")
+        ]
+        if problems:
+            raise ValueError(f"{path} does not fit this tokenizer: {problems[:20]}")
+        tokenizer.load_state_dict({**tokenizer.state_dict(), **rest})
+        tokenizer.decoder.load_stage1(decoder_state)
+    else:
+        load_strict(tokenizer, state, str(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # Lineage of post-trained tokenizers
-
-
-CODE_PARTS = ("encoder", "proj_in", "quantizer")
-SOURCE_KEY = "source_tokenizer"
 
 
 class CodeDrift(ValueError):
@@ -197,7 +227,7 @@ def resolve_tokenizer(recorded: dict, path: str | None = None, device="cpu") -> 
     """The generator's tokenizer: ``path``, the one exported beside it, or the recorded one;
     refused if its hash (for an exported tokenizer: its source checkpoint's) differs, unless it
     was post-trained from the recorded one with its encoder and quantizer verified unchanged
-    (``vistok.tokenizers.posttrain``)."""
+    (``load_derived``)."""
     chosen = path or recorded.get("folder") or recorded["path"]
     if not str(chosen).endswith(".ckpt"):
         tok = read_tokenizer(chosen, device=device)

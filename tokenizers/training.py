@@ -14,7 +14,7 @@ Stages:
   regenerated from; the decoder learns to map the codes (through the frozen quantizer's
   ``codes_to_latents``) to the real image, without perturbation. The tokenizer is built from and
   initialised by ``init_from`` (EMA weights by default, ``init_ema``); encoder, projection and
-  quantizer stay frozen, which is verified by hashing them (``vistok.tokenizers.posttrain``) at
+  quantizer stay frozen, which is verified by hashing them (``vistok.tokenizers.checkpoint``) at
   the start, at every checkpoint and at the end; checkpoints record the source tokenizer.
 """
 
@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from vistok.common.checkpoints import config_differences, load_tokenizer_weights
+from vistok.common.checkpoints import config_differences
 from vistok.common.configurable import instantiate
 from vistok.common.ema import EMA
 from vistok.common.images import save_grid
@@ -41,7 +41,12 @@ from vistok.common.speed import (
     to_channels_last,
 )
 from vistok.losses.tokenizer_loss import TokenizerLoss
-from vistok.tokenizers.checkpoint import FROZEN_IN_STAGE, SOURCE_KEY, verify_codes_unchanged
+from vistok.tokenizers.checkpoint import (
+    FROZEN_IN_STAGE,
+    SOURCE_KEY,
+    load_tokenizer_weights,
+    verify_codes_unchanged,
+)
 from vistok.tokenizers.perturbation import LatentPerturbation
 from vistok.tokenizers.posttrain import load_source, source_config
 from vistok.tokenizers.tokenizer import Tokenizer
