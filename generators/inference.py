@@ -87,7 +87,8 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); starts the process group under torchrun."""
+    """(rank, world_size, device); starts the process group under torchrun (NCCL on GPUs, else
+    gloo)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     local = int(os.environ.get("LOCAL_RANK", 0))

@@ -50,25 +50,13 @@ from vistok.data.pairs import FORMAT, META, sample_seed
 from vistok.data.stream import expand_shards
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
+from vistok.generators.inference import init_distributed
 from vistok.generators.sampling import SamplingConfig
 from vistok.generators.teacher_forcing import partially_denoised, teacher_forced
 from vistok.tokenizers.checkpoint import TokenizerMismatch, recorded_source, resolve_tokenizer
 
 # Fields of meta.json that must match for a run to resume into (or add a split to) a folder.
 _SAME_FOLDER = ("generator", "tokenizer", "protocol")
-
-
-def distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); starts a process group under torchrun (for the barriers)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
 
 
 def _barrier(world: int) -> None:
@@ -228,7 +216,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
     """Write the pairs of ``args.shards`` into ``args.out``; returns meta.json on rank 0."""
     if not 0.0 <= args.preservation <= 1.0:
         raise SystemExit(f"error: --preservation must be in [0, 1], got {args.preservation}")
-    rank, world, device = distributed()
+    rank, world, device = init_distributed()
     gen = load_generator(args.generator, args.ema, device)
     model = gen.model
     tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)
