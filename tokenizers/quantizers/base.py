@@ -66,9 +66,11 @@ class Perturbation:
 
 
 class Quantizer(Configurable, nn.Module):
-    """Base class. Subclasses implement ``forward``, ``codes_to_latents`` and ``code_space``."""
+    """Base class. Subclasses implement ``forward``, ``codes_to_latents`` and ``code_space``;
+    discrete ones also ``perturb_with``."""
 
     code_space: CodeSpace
+    perturb_max_delta: int = 100  # RobusTok's delta at strength 1: delta = int(ratio * 100)
 
     def forward(self, z: Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         raise NotImplementedError
@@ -76,8 +78,6 @@ class Quantizer(Configurable, nn.Module):
     def codes_to_latents(self, codes: Tensor) -> Tensor:  # pragma: no cover - interface
         """Inverse of the code assignment: ``codes_to_latents(out.codes) == out.quantized``."""
         raise NotImplementedError
-
-    perturb_max_delta: int = 100  # RobusTok's delta at strength 1: delta = int(ratio * 100)
 
     def perturb(
         self,
