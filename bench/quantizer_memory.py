@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+from vistok.common.memory import PeakMemory, run_worker
 
 BATCH = 16
 GRID = 16  # 16x16 tokens per image
@@ -41,7 +40,6 @@ CONFIGS = {16: [2, 4], 18: [2, 3]}  # total bits -> GQ group counts to compare w
 def worker(bits: int, groups: int, batch: int, repeats: int, device: str) -> dict:
     import torch
 
-    from vistok.common.memory import PeakMemory
     from vistok.tokenizers.quantizers.lfq import LFQ
 
     q = LFQ(bits=bits, groups=groups).train().to(device)
@@ -70,14 +68,8 @@ def worker(bits: int, groups: int, batch: int, repeats: int, device: str) -> dic
 
 
 def run(bits: int, groups: int, batch: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(bits), str(groups), str(batch)]
-    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    cmd += ["--device", args.device]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {bits}/{groups}/{batch} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    argv = [str(bits), str(groups), str(batch), "--repeats", str(args.repeats)]
+    return run_worker(__file__, [*argv, "--device", args.device], args.threads)
 
 
 def mib(n: float) -> str:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
+
+from vistok.common.memory import PeakMemory, run_worker
 
 BATCH, SIZE, CHANNELS = 16, 64, 16
 
@@ -53,7 +52,6 @@ def layout(num: int, device: str):
 def worker(mode: str, num: int, repeats: int, device: str, tile: int) -> dict:
     import torch
 
-    from vistok.common.memory import PeakMemory
     from vistok.tokenizers.nets.splatting import render_dense, render_tiled
 
     geometry = layout(num, device)
@@ -105,16 +103,10 @@ def worker(mode: str, num: int, repeats: int, device: str, tile: int) -> dict:
 
 
 def _worker(mode: str, num: int, args, pin_mmap: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, str(num)]
-    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    cmd += ["--device", args.device, "--tile", str(args.tile)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    if pin_mmap:
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {mode}/{num} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    argv = [mode, str(num), "--repeats", str(args.repeats)]
+    argv += ["--device", args.device, "--tile", str(args.tile)]
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if pin_mmap else None
+    return run_worker(__file__, argv, args.threads, env)
 
 
 def run(mode: str, num: int, args) -> dict:

@@ -11,7 +11,11 @@ ru_maxrss, a process-lifetime peak, and a warm-up would only inflate it.
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
+import sys
 
 import torch
 
@@ -58,3 +62,16 @@ class PeakMemory:
         if self.resettable:
             return _status_kib("VmHWM") * 1024 - self.before
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.before
+
+
+def run_worker(
+    script: str, argv: list[str], threads: int, env: dict[str, str] | None = None
+) -> dict:
+    """Run ``python script --worker ...argv`` in a fresh process, so that each measurement
+    starts from a clean heap, and return the JSON object its last output line holds."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
+    cmd = [sys.executable, script, "--worker", *argv, "--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(argv)} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
