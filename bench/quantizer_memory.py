@@ -27,24 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from vistok.common.memory import PeakMemory, run_worker
 
 BATCH = 16
 GRID = 16  # 16x16 tokens per image
 CONFIGS = {16: [2, 4], 18: [2, 3]}  # total bits -> GQ group counts to compare with 1 group
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def worker(bits: int, groups: int, batch: int, repeats: int, device: str) -> dict:
@@ -63,31 +53,14 @@ def worker(bits: int, groups: int, batch: int, repeats: int, device: str) -> dic
         if device == "cuda":
             torch.cuda.synchronize()
 
-    try:
-        open("/proc/self/clear_refs", "w").close()
-        resettable = device == "cpu"
-    except OSError:
-        resettable = False
-    if resettable or device == "cuda":
+    meter = PeakMemory(device)
+    if meter.exact:
         step(1)  # warm-up
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    elif resettable:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kib("VmRSS") * 1024
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter.start()
     t0 = time.perf_counter()
     step(batch)
     first = time.perf_counter() - t0
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    elif resettable:
-        peak = _rss_kib("VmHWM") * 1024 - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = meter.peak()
     times = [first]
     for _ in range(repeats - 1):
         t0 = time.perf_counter()
@@ -97,14 +70,8 @@ def worker(bits: int, groups: int, batch: int, repeats: int, device: str) -> dic
 
 
 def run(bits: int, groups: int, batch: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(bits), str(groups), str(batch)]
-    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    cmd += ["--device", args.device]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {bits}/{groups}/{batch} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    argv = [str(bits), str(groups), str(batch), "--repeats", str(args.repeats)]
+    return run_worker(__file__, [*argv, "--device", args.device], args.threads)
 
 
 def mib(n: float) -> str:

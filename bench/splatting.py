@@ -23,22 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
+from vistok.common.memory import PeakMemory, run_worker
+
 BATCH, SIZE, CHANNELS = 16, 64, 16
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def layout(num: int, device: str):
@@ -95,33 +85,16 @@ def worker(mode: str, num: int, repeats: int, device: str, tile: int) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    try:
-        open("/proc/self/clear_refs", "w").close()
-        resettable = device == "cpu"
-    except OSError:
-        resettable = False
+    meter = PeakMemory(device)
     step()  # warm-up
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    elif resettable:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _rss_kib("VmRSS") * 1024
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    meter.start()
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
         if i == 0:
-            if device == "cuda":
-                peak = torch.cuda.max_memory_allocated() - before
-            elif resettable:
-                peak = _rss_kib("VmHWM") * 1024 - before
-            else:
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            peak = meter.peak()
     # How much the tiles cull: the busiest tile's Gaussian count, as the tiled renderer pads to it.
     from vistok.tokenizers.nets.splatting import (
         gaussian_boxes,  # in the measured subprocess, after its baseline
@@ -138,16 +111,10 @@ def worker(mode: str, num: int, repeats: int, device: str, tile: int) -> dict:
 
 
 def _worker(mode: str, num: int, args, pin_mmap: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, str(num)]
-    cmd += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
-    cmd += ["--device", args.device, "--tile", str(args.tile)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    if pin_mmap:
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"worker {mode}/{num} failed:\n{res.stderr}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    argv = [mode, str(num), "--repeats", str(args.repeats)]
+    argv += ["--device", args.device, "--tile", str(args.tile)]
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if pin_mmap else None
+    return run_worker(__file__, argv, args.threads, env)
 
 
 def run(mode: str, num: int, args) -> dict:

@@ -1,4 +1,4 @@
-"""PNG grids of images in [-1, 1]."""
+"""Images in [-1, 1] as uint8 pixels and PNG grids."""
 
 from __future__ import annotations
 
@@ -10,10 +10,21 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 
+def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 in [0, 255] (any shape), rounded like an image file.
+
+    uint8 input passes through; the rounding is the one the ADM evaluator expects.
+    """
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"expected float images in [-1, 1] or uint8, got {images.dtype}")
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded like the ADM evaluator expects."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, for PNG/npz writers."""
+    return uint8_pixels(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(rows: list[torch.Tensor], path: str | Path, pad: int = 2) -> Path:

@@ -39,18 +39,10 @@ from safetensors.torch import load_file, save_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from vistok.common.checkpoints import file_sha256
+from vistok.common.images import uint8_pixels
 from vistok.evaluation.inception import cache_dir, fid_weights_path
 
 STATS_FORMAT = "vistok-fid-stats-v1"
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 in [0, 255], rounded like an image file; uint8 passes through."""
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"expected float images in [-1, 1] or uint8, got {images.dtype}")
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def mean_cov(
@@ -236,7 +228,7 @@ class FID(FrechetInceptionDistance):
 
     def update(self, images: torch.Tensor, real: bool) -> None:
         """Add a batch: float images in [-1, 1] (or uint8), (B, 3, H, W)."""
-        super().update(to_uint8(images), real=real)
+        super().update(uint8_pixels(images), real=real)
 
     def compute(self) -> float:
         """FID as a float. In DDP call it on every rank: it all-reduces the sums first."""

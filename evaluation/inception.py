@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import os
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from vistok.common.package_data import package_file
 
 OFFICIAL_NAME = "weights-inception-2015-12-05-6726825d.pth"
 # Bump when the conversion changes: the cached file name carries it, so stale files are ignored.
@@ -93,15 +94,7 @@ def _check_loadable(path: str, size: int, mtime_ns: int) -> None:
 
 
 def _source_path() -> Path | None:
-    # find_spec locates the package without importing it: its __init__ needs cv2, which we skip.
-    spec = importlib.util.find_spec(SOURCE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / SOURCE_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    return package_file(SOURCE_PACKAGE, SOURCE_FILE)
 
 
 def _sha1(path: Path) -> str:

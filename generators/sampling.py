@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -137,6 +138,38 @@ def guided_labels(model: GPT, labels: Tensor, config: SamplingConfig) -> tuple[T
     return labels, scales
 
 
+def decode_positions(
+    model: GPT,
+    labels: Tensor,
+    choose: Callable[[int, Tensor], Tensor],
+    use_cache: bool = True,
+    autocast: bool = True,
+) -> Tensor:
+    """The AR loop that sampling and teacher forcing share: position by position, the hidden
+    state h (M, D) of the prefix goes to ``choose(i, h)``, which returns position i's codes
+    (M, F); the whole sequence (M, N, F) comes back. ``labels`` (M,) are the (guided) class
+    labels on the model's device. ``use_cache=False`` recomputes the prefix at every position."""
+    device = labels.device
+    m, n = labels.shape[0], model.num_tokens
+    amp = autocast_dtype(device) if autocast else None
+    dtype = amp or model.norm.weight.dtype
+    precision = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    with precision:
+        seq = torch.zeros(m, n, model.factors, dtype=torch.long, device=device)  # (M, N, F)
+        x = model.class_tokens(labels, m).to(dtype)  # (M, 1, D)
+        if use_cache:
+            model.setup_cache(m, dtype, device)
+        for i in range(n):
+            # The hidden state is needed even where a caller keeps its codes: it fills the cache.
+            if use_cache:
+                h = model.hidden(x, start=i)[:, -1]  # (M, D)
+            else:
+                h = model.hidden(model.input_sequence(seq[:, :i], labels))[:, -1]
+            seq[:, i] = choose(i, h)
+            x = model.head.embed(seq[:, i : i + 1]).to(dtype)  # (M, 1, D)
+    return seq
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -155,25 +188,13 @@ def generate(
         raise RuntimeError("call model.eval() before sampling (dropout would be active)")
     device = model.norm.weight.device
     labels = labels.to(device)
-    b, n = labels.shape[0], model.num_tokens
+    b = labels.shape[0]
     labels, scales = guided_labels(model, labels, config)
-    m = labels.shape[0]
-    picker = Picker(config, m > b, generator)
-    amp = autocast_dtype(device) if autocast else None
-    dtype = amp or model.norm.weight.dtype
+    picker = Picker(config, labels.shape[0] > b, generator)
 
-    precision = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    with precision:
-        seq = torch.zeros(m, n, model.factors, dtype=torch.long, device=device)  # (M, N, F)
-        x = model.class_tokens(labels, m).to(dtype)  # (M, 1, D)
-        if use_cache:
-            model.setup_cache(m, dtype, device)
-        for i in range(n):
-            if use_cache:
-                h = model.hidden(x, start=i)[:, -1]  # (M, D)
-            else:
-                h = model.hidden(model.input_sequence(seq[:, :i], labels))[:, -1]
-            picker.scale = scales[i]
-            seq[:, i] = model.head.sample(h, picker)  # (M, F)
-            x = model.head.embed(seq[:, i : i + 1]).to(dtype)  # (M, 1, D)
+    def choose(i: int, h: Tensor) -> Tensor:
+        picker.scale = scales[i]
+        return model.head.sample(h, picker)  # (M, F)
+
+    seq = decode_positions(model, labels, choose, use_cache, autocast)
     return model.from_sequence(seq[:b])

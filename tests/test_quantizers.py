@@ -16,6 +16,7 @@ from vistok.tokenizers.quantizers import (
     BernoulliQuantizer,
     DiagonalGaussian,
     Identity,
+    Perturbation,
     VectorQuantizer,
 )
 from vistok.tokenizers.quantizers.lfq import entropy_terms
@@ -310,15 +311,11 @@ def test_vq_restart_identical_across_ranks(tmp_path):
 
 # ---- perturbation -------------------------------------------------------------------------------
 
-PERTURB = {  # quantizer, explicit-parameter call with rate alpha * (delta - 1) / delta
-    "vq": (lambda: VectorQuantizer(8, 64), lambda q, c, g, z: q.perturb_topk(c, 0.6, 4, g, z), 4),
-    "gq": (lambda: LFQ(8, groups=2), lambda q, c, g, z: q.perturb_bits(c, 0.6, 2, g, z), 4),
-    "fsq": (lambda: FSQ([8, 5, 3]), lambda q, c, g, z: q.perturb_dims(c, 0.6, 2, g, z), 4),
-    "bernoulli": (
-        lambda: BernoulliQuantizer(8),
-        lambda q, c, g, z: q.perturb_bits(c, 0.6, 2, g, z),
-        4,
-    ),
+PERTURB = {  # explicit Perturbation(alpha=0.6, delta=4): change rate alpha * (delta - 1) / delta
+    "vq": lambda: VectorQuantizer(8, 64),
+    "gq": lambda: LFQ(8, groups=2),
+    "fsq": lambda: FSQ([8, 5, 3]),
+    "bernoulli": lambda: BernoulliQuantizer(8),
 }
 
 
@@ -330,8 +327,9 @@ def changed(a, b):
 @pytest.mark.parametrize("use_latents", [True, False], ids=["latents", "no_latents"])
 def test_perturbation_rate_validity_seed(name, use_latents):
     torch.manual_seed(0)
-    make, call, delta = PERTURB[name]
-    q = make().eval()
+    delta = 4
+    q = PERTURB[name]().eval()
+    call = lambda q, c, g, z: q.perturb_with(c, Perturbation(0.6, delta, g, z))
     z = torch.randn(2, q.in_channels, 4000)
     out = q(z)
     lat = z if use_latents else None
@@ -354,7 +352,7 @@ def test_vq_perturbation_picks_among_nearest():
     q = VectorQuantizer(8, 64).eval()
     z = torch.randn(1, 8, 2000)
     out = q(z)
-    new = q.perturb_topk(out.codes, 1.0, 5, torch.Generator().manual_seed(0), z)
+    new = q.perturb_with(out.codes, Perturbation(1.0, 5, torch.Generator().manual_seed(0), z))
     x = z[0].t()  # (M, D)
     dist = torch.cdist(x, q.codebook)  # (M, K)
     rank = dist.argsort(-1).argsort(-1)  # rank of every code per token, 0 = own code
@@ -369,7 +367,7 @@ def test_bit_perturbation_flips_least_confident_only():
     q = LFQ(8, groups=2)
     z = torch.randn(1, 8, 2000)
     out = q(z)
-    new = q.perturb_bits(out.codes, 1.0, 3, torch.Generator().manual_seed(0), z)
+    new = q.perturb_with(out.codes, Perturbation(1.0, 8, torch.Generator().manual_seed(0), z))
     flipped = q.codes_to_bits(new) != q.codes_to_bits(out.codes)  # (1, M, 8)
     weakest = z.abs()[0].t().argsort(-1)[:, :3]  # (M, 3)
     allowed = torch.zeros(2000, 8, dtype=torch.bool).scatter_(1, weakest, True)
@@ -383,7 +381,7 @@ def test_fsq_perturbation_moves_one_level_towards_second_nearest():
     q = FSQ([8, 5, 3])
     z = torch.randn(1, 3, 500)
     out = q(z)
-    new = q.perturb_dims(out.codes, 1.0, 2, torch.Generator().manual_seed(0), z)
+    new = q.perturb_with(out.codes, Perturbation(1.0, 4, torch.Generator().manual_seed(0), z))
     step = q.codes_to_digits(new) - q.codes_to_digits(out.codes)  # (1, M, 3)
     assert step.abs().max() == 1 and (step != 0).sum(-1).max() <= 2
     bounded = q.bound(z[0].t())

@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vistok.common.configurable import Configurable
+from vistok.common.nets import num_groups
 
 # Named downsampling presets: len(channel_mult) - 1 stride-2 stages.
 CHANNEL_MULT: dict[str, list[int]] = {
@@ -34,16 +35,6 @@ CHANNEL_MULT: dict[str, list[int]] = {
     "f16": [1, 1, 2, 2, 4],
     "f32": [1, 1, 2, 2, 4, 4],
 }
-
-
-def num_groups(channels: int) -> int:
-    """GroupNorm groups: 32 at the usual widths (>= 128), fewer for tiny widths.
-
-    The largest divisor of ``channels`` not above ``min(32, channels // 4)``, so each group keeps
-    at least 4 channels (statistics over 1-2 channels make GroupNorm an unstable instance norm).
-    """
-    limit = max(1, min(32, channels // 4))
-    return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
 class AdaptiveGroupNorm(nn.Module):

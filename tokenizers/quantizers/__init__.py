@@ -1,6 +1,6 @@
 """Quantizers: one method per file, one return type (``QuantizerOutput``) for all."""
 
-from vistok.tokenizers.quantizers.base import CodeSpace, Quantizer, QuantizerOutput
+from vistok.tokenizers.quantizers.base import CodeSpace, Perturbation, Quantizer, QuantizerOutput
 from vistok.tokenizers.quantizers.bernoulli import BernoulliQuantizer
 from vistok.tokenizers.quantizers.fsq import FSQ
 from vistok.tokenizers.quantizers.gaussian import DiagonalGaussian
@@ -15,6 +15,7 @@ __all__ = [
     "FSQ",
     "Identity",
     "LFQ",
+    "Perturbation",
     "Quantizer",
     "QuantizerOutput",
     "VectorQuantizer",

@@ -52,10 +52,25 @@ class CodeSpace:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Perturbation:
+    """One explicit perturbation: with probability ``alpha`` a token moves to a uniform pick
+    among its ``delta`` nearest codes (its own included), so the change rate is
+    alpha * (delta - 1) / delta. Positional codes (bits, FSQ channels) expose
+    ``num_positions(delta, n)`` positions instead, 2**num ~ delta neighbours."""
+
+    alpha: float
+    delta: int
+    generator: torch.Generator | None = None  # makes the draw reproducible
+    latents: Tensor | None = None  # (B, in_channels, *S): the input given to forward
+
+
 class Quantizer(Configurable, nn.Module):
-    """Base class. Subclasses implement ``forward``, ``codes_to_latents`` and ``code_space``."""
+    """Base class. Subclasses implement ``forward``, ``codes_to_latents`` and ``code_space``;
+    discrete ones also ``perturb_with``."""
 
     code_space: CodeSpace
+    perturb_max_delta: int = 100  # RobusTok's delta at strength 1: delta = int(ratio * 100)
 
     def forward(self, z: Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         raise NotImplementedError
@@ -73,11 +88,18 @@ class Quantizer(Configurable, nn.Module):
     ) -> Tensor:
         """Replace codes by nearby valid codes (RobusTok latent perturbation).
 
-        ``latents`` is the tensor that was given to ``forward`` (B, in_channels, *S), used where
-        the rule needs it (VQ picks among the nearest codebook entries of the encoder output, bit
-        and FSQ codes move their least-confident positions first). Same code layout in and out,
-        always valid codes; strength 0 is the identity; ``generator`` makes it reproducible.
+        ``strength`` is RobusTok's ratio: alpha = strength, delta = int(strength *
+        perturb_max_delta) (>= 2), handed to ``perturb_with``. ``latents`` is the tensor that was
+        given to ``forward`` (B, in_channels, *S), used where the rule needs it (VQ picks among the
+        nearest codebook entries of the encoder output, bit and FSQ codes move their
+        least-confident positions first). Same code layout in and out, always valid codes;
+        strength 0 is the identity; ``generator`` makes it reproducible.
         """
+        alpha, delta = strength_to_alpha_delta(strength, self.perturb_max_delta)
+        return self.perturb_with(codes, Perturbation(alpha, delta, generator, latents))
+
+    def perturb_with(self, codes: Tensor, p: Perturbation) -> Tensor:
+        """The hook each discrete quantizer implements: move codes by the explicit ``p``."""
         raise NotImplementedError(f"{type(self).__name__} has no discrete codes to perturb")
 
     def perturbed_latents(
@@ -174,16 +196,22 @@ def least_confident_mask(
     return chosen & coin & token
 
 
-def flip_least_confident(
-    bits: Tensor,
-    confidence: Tensor | None,
-    alpha: float,
-    num_bits: int,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """``least_confident_mask`` applied to bits (M, n) int64 in {0, 1}: the chosen bits flip."""
-    mask = least_confident_mask(confidence, bits.shape, alpha, num_bits, generator, bits.device)
-    return bits ^ mask.long()
+def perturb_bits(bits: Tensor, p: Perturbation) -> Tensor:
+    """The bit rule shared by Bernoulli and LFQ/GQ codes; bits (B, *S, n) int64 in {0, 1}.
+
+    With probability alpha per token, each of its round(log2(delta)) least-confident bits flips
+    with probability 1/2 (``least_confident_mask``); change rate alpha * (1 - 2**-num_bits).
+    ``p.latents`` (B, n, *S): the pre-quantization input, whose |x| ranks the bits of each token
+    from least to most confident (random ranks when None).
+    """
+    n = bits.shape[-1]
+    confidence = None
+    if p.latents is not None:
+        confidence = rearrange(p.latents.float().abs(), "b c ... -> (b ...) c")  # (M, n)
+    flat = bits.reshape(-1, n)  # (M, n)
+    num = num_positions(p.delta, n)
+    mask = least_confident_mask(confidence, flat.shape, p.alpha, num, p.generator, bits.device)
+    return (flat ^ mask.long()).reshape(bits.shape)
 
 
 def num_positions(delta: int, n: int) -> int:

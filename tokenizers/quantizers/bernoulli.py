@@ -12,19 +12,17 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from vistok.tokenizers.quantizers.base import (
     CodeSpace,
+    Perturbation,
     Quantizer,
     QuantizerOutput,
     bit_balance,
     channels_first,
     channels_last,
-    flip_least_confident,
-    num_positions,
-    strength_to_alpha_delta,
+    perturb_bits,
 )
 
 
@@ -97,34 +95,7 @@ class BernoulliQuantizer(Quantizer):
 
     # ---- latent perturbation ------------------------------------------------------------------
 
-    def perturb(
-        self,
-        codes: Tensor,
-        strength: float,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """alpha = strength, delta = int(strength * perturb_max_delta) (>= 2), then
-        ``perturb_bits`` with num_bits = round(log2(delta)). ``latents`` (B, bits, *S): the
-        logits given to forward, whose |logit| ranks the bits from least to most confident."""
-        alpha, delta = strength_to_alpha_delta(strength, self.perturb_max_delta)
-        return self.perturb_bits(codes, alpha, num_positions(delta, self.bits), generator, latents)
-
     @torch.no_grad()
-    def perturb_bits(
-        self,
-        codes: Tensor,
-        alpha: float,
-        num_bits: int,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """With probability alpha per token, flip each of its ``num_bits`` least-confident bits
-        with probability 1/2; change rate alpha * (1 - 2**-num_bits)."""
-        confidence = None
-        if latents is not None:
-            confidence = rearrange(latents.float().abs(), "b c ... -> (b ...) c")
-        flipped = flip_least_confident(
-            codes.reshape(-1, self.bits), confidence, alpha, num_bits, generator
-        )
-        return flipped.reshape(codes.shape)
+    def perturb_with(self, codes: Tensor, p: Perturbation) -> Tensor:
+        """``perturb_bits``; ``p.latents``: the logits given to forward (|logit| = confidence)."""
+        return perturb_bits(codes, p)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vistok.tokenizers.quantizers.base import (
     CodeSpace,
+    Perturbation,
     Quantizer,
     QuantizerOutput,
     channels_first,
@@ -23,7 +24,6 @@ from vistok.tokenizers.quantizers.base import (
     least_confident_mask,
     num_positions,
     rand,
-    strength_to_alpha_delta,
 )
 
 
@@ -88,32 +88,13 @@ class FSQ(Quantizer):
 
     # ---- latent perturbation ------------------------------------------------------------------
 
-    def perturb(
-        self,
-        codes: Tensor,
-        strength: float,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """alpha = strength, delta = int(strength * perturb_max_delta) (>= 2), then
-        ``perturb_dims`` with num_dims = round(log2(delta)) (capped at the number of channels)."""
-        alpha, delta = strength_to_alpha_delta(strength, self.perturb_max_delta)
-        num_dims = num_positions(delta, len(self.levels))
-        return self.perturb_dims(codes, alpha, num_dims, generator, latents)
-
     @torch.no_grad()
-    def perturb_dims(
-        self,
-        codes: Tensor,
-        alpha: float,
-        num_dims: int,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """With probability alpha per token, each of its ``num_dims`` least-confident channels
-        moves one level with probability 1/2; change rate alpha * (1 - 2**-num_dims).
+    def perturb_with(self, codes: Tensor, p: Perturbation) -> Tensor:
+        """With probability alpha per token, each of its num_dims = round(log2(delta)) (capped at
+        the number of channels) least-confident channels moves one level with probability 1/2;
+        change rate alpha * (1 - 2**-num_dims).
 
-        With ``latents`` (B, n, *S, the pre-quantization input) a channel's confidence is its
+        With ``p.latents`` (B, n, *S, the pre-quantization input) a channel's confidence is its
         distance from the rounding boundary and it moves to its second-nearest level; without,
         channels and directions are random. A move past either end of the range reflects back
         (to the only neighbour there), so every chosen move changes the code.
@@ -123,13 +104,14 @@ class FSQ(Quantizer):
         flat = digits.reshape(-1, n)  # (M, n)
         m = flat.shape[0]
         confidence = None
-        direction = torch.where(rand((m, n), generator, flat.device) < 0.5, 1, -1)
-        if latents is not None:
-            bounded = self.bound(channels_last(latents.float())).reshape(-1, n)
+        direction = torch.where(rand((m, n), p.generator, flat.device) < 0.5, 1, -1)
+        if p.latents is not None:
+            bounded = self.bound(channels_last(p.latents.float())).reshape(-1, n)
             residual = bounded - bounded.round()  # in [-0.5, 0.5]
             confidence = -residual.abs()  # near the boundary = least confident
             direction = torch.where(residual == 0, direction, residual.sign().long())
-        move = least_confident_mask(confidence, (m, n), alpha, num_dims, generator, flat.device)
+        num_dims = num_positions(p.delta, n)
+        move = least_confident_mask(confidence, (m, n), p.alpha, num_dims, p.generator, flat.device)
         top = self._levels - 1
         new = flat + direction * move.long()
         new = torch.where(new < 0, -new, new)

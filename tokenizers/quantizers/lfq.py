@@ -22,13 +22,12 @@ from torch import Tensor
 
 from vistok.tokenizers.quantizers.base import (
     CodeSpace,
+    Perturbation,
     Quantizer,
     QuantizerOutput,
     bit_balance,
-    flip_least_confident,
     index_stats,
-    num_positions,
-    strength_to_alpha_delta,
+    perturb_bits,
 )
 
 log = logging.getLogger(__name__)
@@ -183,38 +182,8 @@ class LFQ(Quantizer):
 
     # ---- latent perturbation ------------------------------------------------------------------
 
-    def perturb(
-        self,
-        codes: Tensor,
-        strength: float,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """RobusTok's rule for bits: alpha = strength, delta = int(strength * perturb_max_delta)
-        (>= 2), and ``perturb_bits`` with num_bits = round(log2(delta)) (7 bits, 128 neighbours,
-        at strength 1). ``latents`` (B, bits, *S): the pre-quantization input, whose |x| ranks the
-        bits of each token from least to most confident.
-        """
-        alpha, delta = strength_to_alpha_delta(strength, self.perturb_max_delta)
-        return self.perturb_bits(codes, alpha, num_positions(delta, self.bits), generator, latents)
-
     @torch.no_grad()
-    def perturb_bits(
-        self,
-        codes: Tensor,
-        alpha: float,
-        num_bits: int,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """With probability alpha per token, flip each of its ``num_bits`` least-confident bits
-        (across all groups) with probability 1/2; change rate alpha * (1 - 2**-num_bits)."""
-        bits = self.codes_to_bits(codes)  # (B, *S, D)
-        confidence = None
-        if latents is not None:
-            confidence = rearrange(latents.float().abs(), "b c ... -> b ... c")
-            confidence = confidence.reshape(-1, self.bits)
-        flipped = flip_least_confident(
-            bits.reshape(-1, self.bits), confidence, alpha, num_bits, generator
-        )
-        return self.bits_to_codes(flipped.reshape(bits.shape))
+    def perturb_with(self, codes: Tensor, p: Perturbation) -> Tensor:
+        """``perturb_bits`` on the bits of all groups at once (at strength 1: 7 bits, 128
+        neighbours); ``p.latents`` is the pre-quantization input (|x| = confidence)."""
+        return self.bits_to_codes(perturb_bits(self.codes_to_bits(codes), p))  # (B, *S, G)

@@ -16,13 +16,13 @@ from torch import Tensor
 
 from vistok.tokenizers.quantizers.base import (
     CodeSpace,
+    Perturbation,
     Quantizer,
     QuantizerOutput,
     channels_first,
     channels_last,
     index_stats,
     rand,
-    strength_to_alpha_delta,
 )
 
 # Distance matrices are built this many elements at a time (64 MB in float32).
@@ -219,49 +219,29 @@ class VectorQuantizer(Quantizer):
 
     # ---- RobusTok latent perturbation ---------------------------------------------------------
 
-    def perturb(
-        self,
-        codes: Tensor,
-        strength: float,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """``perturb_topk`` with alpha = strength, delta = int(strength * perturb_max_delta).
-
-        This is RobusTok's annealed pair (ratio -> alpha = ratio, delta = int(ratio * 100)), so
-        ``strength`` is their ratio; strength > 0 keeps delta >= 2.
-        """
-        alpha, delta = strength_to_alpha_delta(strength, self.perturb_max_delta)
-        return self.perturb_topk(codes, alpha, delta, generator, latents)
-
     @torch.no_grad()
-    def perturb_topk(
-        self,
-        codes: Tensor,
-        alpha: float,
-        delta: int,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
+    def perturb_with(self, codes: Tensor, p: Perturbation) -> Tensor:
         """With probability alpha replace each token by a uniform pick among its delta nearest
-        codes (the token's own code first, then the delta - 1 entries nearest to ``latents``
+        codes (the token's own code first, then the delta - 1 entries nearest to ``p.latents``
         (B, dim, *S), or to the token's own code when None). Change rate alpha*(delta-1)/delta.
         """
-        delta = min(int(delta), self.codebook_size)
+        delta = min(int(p.delta), self.codebook_size)
         flat = codes.reshape(-1)  # (M,)
         out = flat.clone()
-        if alpha <= 0 or delta <= 1 or flat.numel() == 0:
+        if p.alpha <= 0 or delta <= 1 or flat.numel() == 0:
             return out.reshape(codes.shape)
-        token = rand((flat.numel(),), generator, flat.device) < alpha  # (M,)
-        which = (rand((flat.numel(),), generator, flat.device) * delta).long()  # (M,) in [0, delta)
+        token = rand((flat.numel(),), p.generator, flat.device) < p.alpha  # (M,)
+        which = (
+            rand((flat.numel(),), p.generator, flat.device) * delta
+        ).long()  # (M,) in [0, delta)
         move = (token & (which > 0)).nonzero().squeeze(1)  # tokens that leave their code
         if move.numel() == 0:
             return out.reshape(codes.shape)
         cb = self._normalized_codebook()
-        if latents is None:
+        if p.latents is None:
             query = cb[flat[move]]  # (n, D)
         else:
-            query = channels_last(latents.float()).reshape(-1, self.dim)[move]  # (n, D)
+            query = channels_last(p.latents.float()).reshape(-1, self.dim)[move]  # (n, D)
             if self.l2_normalize:
                 query = F.normalize(query, dim=-1)
         rows = max(1, _CHUNK_ELEMENTS // self.codebook_size)
