@@ -169,7 +169,7 @@ def _samples(items, root, bad, checked, progress):
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="folder of images (searched recursively)")
     parser.add_argument("out", help="output folder for the shards")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

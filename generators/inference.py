@@ -313,7 +313,9 @@ def speculative_setup(args: argparse.Namespace, gpt, tokenizer):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample images from a generator checkpoint.")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="Sample images from a generator checkpoint."
+    )
     p.add_argument("--generator", required=True, help="generator checkpoint (.ckpt)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one it was trained on")
     p.add_argument("--num-images", type=int, default=50)
