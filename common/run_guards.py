@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.trainer.states import TrainerFn
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -121,6 +122,8 @@ class NonFiniteValidation(SystemExit):
 
 class FiniteValidation(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # --evaluate reports what it measures
+            return
         bad = {}
         for name, value in trainer.callback_metrics.items():
             if name.startswith("val") and torch.is_tensor(value) and value.numel() == 1:

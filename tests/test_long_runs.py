@@ -37,6 +37,7 @@ def _ckpts(run_dir) -> list[str]:
 def test_sigterm_mid_run_checkpoints_the_step_reached_exits_143_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = [*BASE, f"--run_dir={run_dir}", "--trainer.val_check_interval=5"]
+    args += ["--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"]  # no validation
     # SIGTERM arrives while step 3 runs: that step finishes, is saved, and the run exits.
     proc = run(
         [*args, "--trainer.max_steps=8", _callback("SignalAtStep", step=2, signum=15)], expect=143
@@ -52,6 +53,7 @@ def test_sigterm_mid_run_checkpoints_the_step_reached_exits_143_and_resumes(tmp_
     with open(run_dir / "metrics.csv") as f:
         logged = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert logged == sorted(set(logged)), "the resumed run logged steps 0..2 again"
+    assert len(logged) == 5  # steps 0-2 before the signal, 3-4 after resuming
 
 
 class Tiny(pl.LightningModule):
