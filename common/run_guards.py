@@ -59,12 +59,8 @@ class Preemption(pl.Callback):
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl+C twice: stop now
+        # Only a flag: printing here could re-enter a stdout write the signal interrupted.
         self.signum = self.signum or signum
-        print(
-            f"received {signal.Signals(signum).name}: a checkpoint will be written at the next "
-            "step boundary, then the run exits",
-            flush=True,
-        )
 
     def _install(self, trainer: pl.Trainer) -> None:
         # Installed once the loops start, after Lightning's own handlers (registered just before)

@@ -59,14 +59,14 @@ def run(
 
 
 class SignalAtStep(pl.Callback):
-    """Sends ``signum`` to its own process as the training step after ``step`` starts: the real
-    signal path, at a step that does not depend on timing."""
+    """Sends ``signum`` to its own process (on one rank, or all) as the training step after
+    ``step`` starts: the real signal path, at a step that does not depend on timing."""
 
-    def __init__(self, step: int, signum: int):
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int, rank: int | None = None):
+        self.step, self.signum, self.rank = step, signum, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), self.signum)
 
 
