@@ -77,7 +77,7 @@ def test_ranks_agree_on_a_signal_only_one_of_them_got(tmp_path):
     # Rank 1 got SIGTERM; rank 0 learnt it at the same step boundary and wrote the checkpoint.
     assert "SIGTERM: checkpoint at step 3" in out, out[-3000:]
     assert _ckpts(run_dir) == ["preempted-step0000003.ckpt"]
-    assert out.count("exitcode  : 143") == 2 or "143" in out
+    assert re.search(r"exitcode\s*:\s*143", out), out[-3000:]  # torchrun's failure summary
 
 
 class Tiny(pl.LightningModule):
