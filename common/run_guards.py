@@ -73,8 +73,12 @@ class Preemption(pl.Callback):
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            if signal.getsignal(s) == self._handle:  # not already undone by Lightning's teardown
+                signal.signal(s, handler)
         self._previous = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.signum = 0
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
         self._install(trainer)

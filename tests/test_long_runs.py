@@ -118,7 +118,9 @@ def test_each_preemption_signal_saves_at_the_next_step_and_exits_with_128_plus_i
     assert info.value.code == 128 + signum
     ckpt = read_checkpoint(tmp_path / "checkpoints" / "preempted-step0000005.ckpt")
     assert ckpt["global_step"] == 5
-    # The handlers in place before fit are back.
+    # The handlers in place before fit are back, after a preemption and after a whole run.
+    assert {s: signal.getsignal(s) for s in before} == before
+    _trainer(tmp_path / "again", Preemption()).fit(Tiny())
     assert {s: signal.getsignal(s) for s in before} == before
 
 
