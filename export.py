@@ -12,7 +12,7 @@ import argparse
 from vistok.generators.export import export
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="a training checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (else raw)")

@@ -106,7 +106,7 @@ def timed(fn, *args, **kwargs):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--generator", help="AR generator checkpoint (.ckpt) or exported folder")
     p.add_argument("--prepare", help="folder: train tokenizer + GPT on the embedded data first")
     p.add_argument("--tok-steps", type=int, default=200)

@@ -104,7 +104,7 @@ def measure(fn, *args) -> tuple[float, float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", help="shard spec to read (default: build bench shards)")
     parser.add_argument("--count", type=int, default=800, help="images in the built shards")
     parser.add_argument("--resolution", type=int, default=256)

@@ -109,7 +109,7 @@ def bits(args) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--train-steps", type=int, default=700)
     p.add_argument("--samples", type=int, default=4000)
     a = p.parse_args()

@@ -65,7 +65,7 @@ def evaluate_batch(tok, fid, lpips, psnr, ssim, x, keys, strengths, times) -> No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tokenizer/vq.yaml")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)

@@ -86,7 +86,7 @@ def last_evaluation(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--preset", default="f8_c16384", help="VQ preset (tokenizers/vq.py)")

@@ -7,8 +7,12 @@
 - ``--run_dir``: the run folder (default ``runs/<name of the first config>``). It receives
   ``config.yaml`` (the resolved config), ``checkpoints/``, TensorBoard events, ``metrics.csv``,
   ``images/`` (PNG grids) and ``results.json``.
-- ``--ckpt_path last`` resumes from the newest checkpoint of the run folder; with ``--evaluate``
-  the checkpoint is validated (every metric callback runs, results.json records it) instead.
+- ``--ckpt_path last`` resumes from the newest checkpoint of the run folder that loads, whatever
+  its name (``common/checkpoints.py: resolve_last``); with ``--evaluate`` the checkpoint is
+  validated (every metric callback runs, results.json records it) instead.
+- Every run writes its checkpoints atomically, checkpoints and exits with 128 + signal on
+  SIGTERM/SIGINT/SIGUSR1, and stops on non-finite validation metrics (``common/run_guards.py``;
+  ``docs/long_runs.md``).
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from vistok.common.checkpoints import AtomicCheckpointIO, StepCheckpoint, resolve_last
 from vistok.common.results import ResultsJSON
+from vistok.common.run_guards import FiniteValidation, Preemption
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -122,7 +129,11 @@ class VistokCLI(LightningCLI):
             args=args,
             save_config_callback=None,  # saved by save_config() into the run folder
             auto_configure_optimizers=False,
-            parser_kwargs={"default_config_files": [str(CONFIG_DIR / "defaults.yaml")]},
+            parser_kwargs={
+                "default_config_files": [str(CONFIG_DIR / "defaults.yaml")],
+                # `--trainer.max_step 5` is an error, not silently `max_steps`.
+                "allow_abbrev": False,
+            },
             **kwargs,
         )
 
@@ -166,8 +177,9 @@ class VistokCLI(LightningCLI):
         own = list(config.get("callbacks") or []) + callbacks
         if not any(isinstance(c, ModelCheckpoint) for c in own):
             every = config.get("val_check_interval")
+            kind = StepCheckpoint if isinstance(every, int) else ModelCheckpoint
             callbacks.append(
-                ModelCheckpoint(
+                kind(
                     dirpath=str(run_dir / "checkpoints"),
                     save_last=True,
                     save_top_k=-1 if isinstance(every, int) else 1,
@@ -176,6 +188,12 @@ class VistokCLI(LightningCLI):
                     auto_insert_metric_name=False,
                 )
             )
+        # The finite check first: a preemption at a failed validation must not save it.
+        callbacks += [FiniteValidation(), Preemption()]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if config["logger"]:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(ResultsJSON(run_dir / "results.json"))
@@ -189,13 +207,30 @@ class VistokCLI(LightningCLI):
         return path
 
 
+def checkpoint_to_resume(cli: VistokCLI) -> str | None:
+    """``--ckpt_path`` with ``last`` resolved in the run folder (see ``resolve_last``)."""
+    ckpt_path = cli.config.ckpt_path
+    if ckpt_path != "last":
+        return ckpt_path
+    found = resolve_last(cli.run_dir)
+    if found is None and cli.config.evaluate:
+        raise SystemExit(f"error: --ckpt_path last: {cli.run_dir} holds no checkpoint to evaluate")
+    if cli.trainer.is_global_zero:
+        if found is None:
+            print(f"--ckpt_path last: no checkpoint in {cli.run_dir}: starting from scratch")
+        else:
+            print(f"--ckpt_path last: resuming from {found}")
+    return None if found is None else str(found)
+
+
 def main(args: list[str] | None = None) -> VistokCLI:
     cli = VistokCLI(args)
     cli.save_config()
+    ckpt_path = checkpoint_to_resume(cli)
     if cli.config.evaluate:
-        if not cli.config.ckpt_path:
+        if not ckpt_path:
             raise SystemExit("error: --evaluate needs the checkpoint to evaluate: --ckpt_path X")
-        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     else:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli

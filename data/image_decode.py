@@ -9,6 +9,8 @@ count it and go on. Colour handling:
   left under alpha = 0.
 - 16/32-bit grey (``I;16*``, ``I``) is scaled from [0, 65535] to [0, 255] (``I`` is clipped to
   that range first), not truncated, so 16-bit PNGs keep their tonal range.
+- The EXIF orientation tag is applied (``ImageOps.exif_transpose``) before cropping, so a phone
+  photo stored sideways with "rotate 90" in its EXIF is trained upright.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Per-sample reasons; each counts toward ``max_bad_fraction``.
 SKIP_REASONS = ("missing_image", "empty", "corrupt", "too_small", "too_large")
@@ -130,6 +132,7 @@ class ImageDecoder:
             if self.jpeg_draft and img.format == "JPEG":
                 img.draft(img.mode, (res, res))
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             img = to_rgb(img)
             crop_rng = rng if (rng is not None and self.random_crop) else None
             box = crop_box(img.width, img.height, crop_rng)

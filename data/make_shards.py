@@ -10,8 +10,11 @@ as ``classes.txt`` and ``classes.json``.
 Each sample stores the file's original encoded bytes untouched, under the suffix of the format PIL
 detects (``jpg``, ``png``, ``webp`` ...: the file name's extension can lie), plus ``cls`` when
 labelled. Keys come from the relative path, so they are unique and stable across runs. Every file
-is fully decoded once to check it; unreadable files are skipped and listed at the end. The last
-line printed is the shard pattern to pass as ``--data.train_shards``.
+is fully decoded once to check it, its EXIF orientation applied as the training decoder applies it
+(``data/image_decode.py``; the tag stays in the stored bytes, so the shards hold what the camera
+wrote and every EXIF-aware reader shows it upright); unreadable files are skipped and listed at
+the end, and a folder without a single readable image is an error (exit code 1). The last line
+printed is the shard pattern to pass as ``--data.train_shards``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Iterable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -116,6 +119,7 @@ def check_image(path: str) -> tuple[bytes, str] | None:
             if fmt == "JPEG":
                 img.draft(img.mode, (64, 64))  # still reads the whole stream; much faster
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # a broken EXIF block fails here
         return data, _FORMAT_SUFFIX.get(fmt, (fmt or "bin").lower())
     except Exception:
         return None
@@ -169,7 +173,7 @@ def _samples(items, root, bad, checked, progress):
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="folder of images (searched recursively)")
     parser.add_argument("out", help="output folder for the shards")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -202,6 +206,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         print(f"{len(bad)} unreadable file(s) skipped:")
         for path in bad:
             print(f"  {path}")
+    if len(bad) == len(items):
+        raise SystemExit(
+            f"error: none of the {len(items)} image files under {args.src} could be decoded: "
+            "no shards written"
+        )
     if paths:
         flag = "val_shards" if args.prefix.startswith("val") else "train_shards"
         print(f"pass with --data.{flag}:")

@@ -114,6 +114,7 @@ def on_pairs(pairs: str, before: str, after: str, out: Path, count: int = 256) -
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description=__doc__.split("\n\n")[0],
         epilog="Every other option goes to sample.py unchanged (e.g. --num-images, --cfg).",
     )

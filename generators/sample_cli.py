@@ -20,7 +20,9 @@ def sample_or_exit(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample images from a generator checkpoint.")
+    p = argparse.ArgumentParser(
+        description="Sample images from a generator checkpoint.", allow_abbrev=False
+    )
     p.add_argument("--generator", required=True, help="generator checkpoint (.ckpt)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one it was trained on")
     p.add_argument("--num-images", type=int, default=50)

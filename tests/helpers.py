@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytorch_lightning as pl
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +44,45 @@ def photo_crops(folder: Path, count: int, size: int = 48, seed: int = 0) -> list
     return paths
 
 
-def run(args: list[str], cwd: Path = ROOT, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def run(
+    args: list[str], cwd: Path = ROOT, timeout: int = 900, expect: int = 0
+) -> subprocess.CompletedProcess:
+    """Runs ``python ARGS`` and checks its exit code. ``tests/`` is importable in the child, so
+    ``--trainer.callbacks+=helpers.SignalAtStep`` works."""
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT / "tests")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == expect, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+class SignalAtStep(pl.Callback):
+    """Sends ``signum`` to its own process (on one rank, or all) as the training step after
+    ``step`` starts: the real signal path, at a step that does not depend on timing."""
+
+    def __init__(self, step: int, signum: int, rank: int | None = None):
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonAtStep(pl.Callback):
+    """Fills every floating weight and buffer with NaN once step ``step`` is done (a diverged
+    run, on cue)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for t in [*pl_module.parameters(), *pl_module.buffers()]:
+                    if t.is_floating_point():
+                        t.fill_(float("nan"))
 
 
 def class_shards(tmp_path: Path, monkeypatch, per_class: int) -> str:

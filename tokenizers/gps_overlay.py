@@ -113,7 +113,9 @@ def _load_images(paths: list[str], resolution: int) -> Tensor:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--tokenizer", required=True, help="GPSToken checkpoint or exported folder")
     p.add_argument("--images", nargs="+", required=True, help="image files")
     p.add_argument("--out", default="gaussians.png")
