@@ -139,4 +139,4 @@ def restore_ema(ema: EMA | None, checkpoint: dict) -> None:
     if ema is not None:
         ema.load_from(checkpoint["state_dict"])
     else:
-        pop_averages(checkpoint["state_dict"], "checkpoint")
+        pop_averages(checkpoint.get("state_dict", {}), "checkpoint")
