@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -35,6 +36,7 @@ from vistok.common.version import package_version
 FORMAT_VERSION = 2  # bump when a folder written by this version cannot be read by older ones
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 HASH_KEY, META_KEY = "weights_sha256", "vistok_config"
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md", "*.png"]
 
 
 def save_pretrained(
@@ -122,9 +124,9 @@ def resolve_folder(src: str | Path) -> Path:
         return path
     if path.suffix or str(src).count("/") != 1:
         raise FileNotFoundError(f"{src!r} is neither a folder nor a Hub repo id (user/name)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(repo_id=str(src), allow_patterns=[WEIGHTS, CONFIG, CARD]))
+    # Every file an export writes, at any depth: a generator folder carries its tokenizer in
+    # tokenizer/ (fnmatch's * matches across /).
+    return Path(snapshot_download(repo_id=str(src), allow_patterns=DOWNLOAD_PATTERNS))
 
 
 def read_config(folder: Path, kind: str | None = None) -> dict[str, Any]:

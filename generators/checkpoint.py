@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
-
 from vistok.common.checkpoints import file_sha256, load_strict, read_checkpoint, submodule_state
 from vistok.common.configurable import instantiate
+from vistok.common.ema import load_averages
 from vistok.common.hub import WEIGHTS, load_pretrained, resolve_folder
 from vistok.generators.ar import GPT
 
@@ -51,14 +50,11 @@ def load_generator(path: str, ema: bool | None = None, device="cpu") -> Generato
     gpt = instantiate(hp[key])
     state = ckpt["state_dict"]
     load_strict(gpt, submodule_state(state, "net"), str(path))
-    shadows = submodule_state(state, "ema")
-    has_ema = any(k.startswith("shadow_") for k in shadows)
-    if ema and not has_ema:
-        raise ValueError(f"{path} has no EMA weights (trained without ema_decay)")
-    use_ema = has_ema if ema is None else ema
-    if use_ema:
-        with torch.no_grad():
-            for i, param in enumerate(gpt.parameters()):
-                param.copy_(shadows[f"shadow_{i}"])
+    if ema is False:
+        use_ema = False
+    else:
+        use_ema = load_averages(gpt, state, str(path))
+        if ema and not use_ema:
+            raise ValueError(f"{path} has no EMA weights (trained without ema_decay)")
     identity = {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "ema": use_ema}
     return GeneratorCheckpoint(gpt.eval().requires_grad_(False).to(device), hp, identity)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -114,9 +115,10 @@ class Attention(nn.Module):
                 raise RuntimeError("call setup_cache() before decoding with start=")
             t = q.shape[2]
             k, v = self.cache.update(k, v, start)  # (B, H, start + T, Dh)
-            mask = None
-            if t > 1:  # several new tokens at once: causal among them, all of the past visible
-                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            # Several new tokens at once (speculative verification): causal among them, all of
+            # the past visible. A lower-right causal bias, not a materialised boolean mask, so
+            # that SDPA can still pick its fused (flash / memory-efficient) kernels.
+            mask = causal_lower_right(t, start + t) if t > 1 else None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = rearrange(out, "b h t d -> b t (h d)")
         return self.resid_dropout(self.proj(out))

@@ -20,7 +20,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 
 from vistok.common.checkpoints import config_differences
-from vistok.common.ema import EMA
+from vistok.common.ema import EMA, restore_ema, save_ema
 from vistok.common.images import save_grid
 from vistok.common.schedule import warmup_cosine
 from vistok.common.speed import compile_modules, fused_available, resolve
@@ -80,6 +80,10 @@ class GeneratorModule(pl.LightningModule):
         diffs = config_differences(self.net.config, hp.get(self.config_key))
         if diffs:
             raise ValueError("the checkpoint holds a different net:\n  " + "\n  ".join(diffs[:20]))
+        restore_ema(self.ema, checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_ema(self.ema, checkpoint)
 
     # --- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

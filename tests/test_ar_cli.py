@@ -41,8 +41,8 @@ def save_tokenizer(path, seed: int = 0, ema: bool = True) -> VQTokenizer:
     tok = VQTokenizer(**TINY_VQ)
     state = {f"tokenizer.{k}": v for k, v in tok.state_dict().items()}
     if ema:
-        for i, (_, p) in enumerate(tok.named_parameters()):
-            state[f"ema.shadow_{i}"] = p.detach() * 0.9 + 0.01
+        for name, p in tok.named_parameters():
+            state[f"ema.{name}"] = p.detach() * 0.9 + 0.01
     hparams = {"tokenizer": tok.config, "stage": "main"}
     torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
     return tok
@@ -149,7 +149,9 @@ def save_generator(tmp_path, tokenizer_path, ema: bool) -> tuple[ARModule, str]:
                 p.add_(torch.randn_like(p))
             module.ema.update()  # shadows now differ from the live weights
     path = str(tmp_path / "gen.ckpt")
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    ckpt = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)  # adds the EMA weights, as training checkpoints do
+    torch.save(ckpt, path)
     return module, path
 
 

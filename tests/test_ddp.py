@@ -47,6 +47,11 @@ def _check_audits(run_dir, world: int) -> None:
     assert not set.intersection(*train)
     val = [k for a in audits for k in a["val_keys"]]
     assert len(val) == len(set(val)) == num_samples("val")
+    # Per step: gradients are all-reduced; DDP's buffer broadcast never carries the EMA.
+    for a in audits:
+        sent = a["bytes_per_step"]
+        assert sent["gradients"] > 0 and sent.get("buffers/ema", 0) == 0, sent
+        assert sent.get("buffers/loss", 0) > 0, sent  # what it does broadcast is counted
 
 
 def _torchrun(args, extra, timeout=600):

@@ -36,6 +36,7 @@ from vistok.common.checkpoints import (
     submodule_state,
 )
 from vistok.common.configurable import instantiate
+from vistok.common.ema import load_averages
 from vistok.common.hub import CONFIG, load_pretrained, resolve_folder
 
 # The parts that turn images into codes and codes into latents (encoder, input projection,
@@ -54,19 +55,12 @@ class TokenizerCheckpoint(NamedTuple):
     identity: dict[str, Any]  # path, sha256, class_path, ema
 
 
-def ema_names(tokenizer: torch.nn.Module, stage: str) -> list[str]:
-    """Parameter names in the order ``TokenizerModule``'s EMA stored its ``shadow_<i>`` buffers:
-    the tokenizer's trainable parameters, i.e. all but the parts frozen in that stage."""
-    frozen = tuple(f"{name}." for name in FROZEN_IN_STAGE.get(stage, ()))
-    return [n for n, _ in tokenizer.named_parameters() if not n.startswith(frozen)]
-
-
 def read_tokenizer(
     path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
 ) -> TokenizerCheckpoint:
     """Rebuild a tokenizer from a ``TokenizerModule`` checkpoint: its config from
     ``hyper_parameters["tokenizer"]``, its weights (``tokenizer.*``) loaded strictly, then the EMA
-    shadows (``ema.shadow_<i>``) copied in when ``ema`` is set and the checkpoint has them.
+    averages (``ema.<parameter name>``) copied in when ``ema`` is set and the checkpoint has them.
 
     An exported folder (or Hub id) is read as exported; its identity is the checkpoint it was
     exported from, so codes and generators stay paired across export."""
@@ -87,22 +81,7 @@ def read_tokenizer(
     tokenizer = instantiate(config)
     state = ckpt["state_dict"]
     load_strict(tokenizer, submodule_state(state, "tokenizer"), str(path))
-    shadows = submodule_state(state, "ema")
-    used_ema = False
-    if ema and any(k.startswith("shadow_") for k in shadows):
-        names = ema_names(tokenizer, hparams.get("stage", "main"))
-        count = sum(k.startswith("shadow_") for k in shadows)
-        if count != len(names):
-            raise ValueError(
-                f"{path}: {count} EMA shadows for {len(names)} trainable tokenizer parameters"
-            )
-        with torch.no_grad():
-            for i, name in enumerate(names):
-                param, shadow = tokenizer.get_parameter(name), shadows[f"shadow_{i}"]
-                if param.shape != shadow.shape:
-                    raise ValueError(f"{path}: EMA shadow_{i} does not fit {name}")
-                param.copy_(shadow)
-        used_ema = True
+    used_ema = ema and load_averages(tokenizer, state, str(path))
     tokenizer.requires_grad_(False).eval().to(device)
     identity = {
         "path": str(Path(path).resolve()),

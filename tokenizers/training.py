@@ -30,7 +30,7 @@ from torch import Tensor
 
 from vistok.common.checkpoints import config_differences
 from vistok.common.configurable import instantiate
-from vistok.common.ema import EMA
+from vistok.common.ema import EMA, restore_ema, save_ema
 from vistok.common.images import save_grid
 from vistok.common.schedule import warmup_cosine
 from vistok.common.speed import (
@@ -126,8 +126,10 @@ class TokenizerModule(pl.LightningModule):
                 f"{self.source.get('path')} given as init_from"
             )
         self.source = source or self.source
+        restore_ema(self.ema, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_ema(self.ema, checkpoint)
         if self.source is not None:
             verify_codes_unchanged(self.tokenizer, self.source, f"step {self.global_step}")
             checkpoint[SOURCE_KEY] = self.source
