@@ -9,8 +9,7 @@ import re
 import shlex
 
 import pytest
-
-from tests.helpers import ROOT, run
+from helpers import ROOT, run
 
 SHORT = [
     "--trainer.max_steps=4",
