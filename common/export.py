@@ -90,6 +90,24 @@ def model_card(config: dict[str, Any], results: dict[str, Any] | None, image: st
     return "\n".join(lines)
 
 
+def write_card(
+    folder: Path, results: dict[str, Any] | None = None, image: str | None = None
+) -> None:
+    """The folder's README.md model card, from its config.json (tokenizer or generator)."""
+    config = json.loads((folder / "config.json").read_text())
+    card = model_card(config, results, image)
+    if config["kind"] == "generator":
+        # Each family's usual sampling settings (LlamaGen's CFG for AR, DiT's for diffusion).
+        gpt = config["model"]["class_path"].endswith(".GPT")
+        flags = "--cfg 2.0" if gpt else "--steps 50 --cfg 1.5"
+        usage = (
+            "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
+            f"--num-images 50000 {flags} --out samples/\n```\n"
+        )
+        card = card[: card.index("## Use")] + usage
+    (folder / CARD).write_text(card)
+
+
 def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
     from vistok.data.codes import read_tokenizer
 
@@ -117,8 +135,7 @@ def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
     if grids:
         shutil.copyfile(grids[-1], folder / "reconstructions.png")
         image = "reconstructions.png"
-    config = json.loads((folder / "config.json").read_text())
-    (folder / CARD).write_text(model_card(config, _results(run), image))
+    write_card(folder, _results(run), image)
     return folder
 
 
@@ -153,15 +170,7 @@ def export_generator(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
         "weights": "ema" if tok.identity["ema"] else "raw",
     }
     save_pretrained(tok.tokenizer, folder / "tokenizer", "tokenizer", tok_info)
-    config = json.loads((folder / "config.json").read_text())
-    # Each family's usual sampling settings (LlamaGen's CFG for AR, DiT's for diffusion).
-    flags = "--cfg 2.0" if type(gpt).__name__ == "GPT" else "--steps 50 --cfg 1.5"
-    usage = (
-        "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
-        f"--num-images 50000 {flags} --out samples/\n```\n"
-    )
-    card = model_card(config, None, None)
-    (folder / CARD).write_text(card[: card.index("## Use")] + usage)
+    write_card(folder)
     return folder
 
 

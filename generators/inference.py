@@ -35,7 +35,7 @@ from vistok.common.results import code_version
 from vistok.data.codes import TokenizerCheckpoint, file_sha256, read_tokenizer
 from vistok.generators.ar import GPT
 from vistok.generators.diffusion import DiffusionSampling
-from vistok.generators.sampling import SamplingConfig, generate
+from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig, generate
 from vistok.generators.speculative import (
     Neighbours,
     SpeculativeConfig,
@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             args.temperature,
             args.top_k,
             args.top_p,
+            args.cfg_power,
         )
     else:
         config = diffusion_config(args, model, cfg_scale)
@@ -319,7 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
+    p.add_argument("--cfg-power", type=float, default=1.15, help="exponent of pow-cosine")
     p.add_argument(
         "--cfg-interval",
         type=float,
