@@ -141,6 +141,15 @@ def vq_architecture(state: State, path: str) -> dict:
     )
 
 
+def map_vq_state(state: State, path: str) -> tuple[State, dict[str, str]]:
+    """LlamaGen VQModel keys -> VQTokenizer keys (and, per new key, its source key)."""
+    mapped, sources = rename(_fuse_qkv(state), VQ_RULES, VQ_IGNORED, path, VQ)
+    for key in ("proj_in.weight", "proj_out.weight"):  # 1x1 convs (O, I, 1, 1) -> linear (O, I)
+        if key in mapped and mapped[key].dim() == 4 and mapped[key].shape[2:] == (1, 1):
+            mapped[key] = mapped[key].flatten(1)
+    return mapped, sources
+
+
 def convert_vq(
     checkpoint: str,
     out: str,
@@ -155,10 +164,7 @@ def convert_vq(
     arch = vq_architecture(state, checkpoint)
     # The preset gives LlamaGen's fixed choices (norm groups, padding); the shapes give the rest.
     tok = VQTokenizer(preset="llamagen_vq16", resolution=resolution or DEFAULT_RESOLUTION, **arch)
-    mapped, sources = rename(_fuse_qkv(state), VQ_RULES, VQ_IGNORED, checkpoint, VQ)
-    for key in ("proj_in.weight", "proj_out.weight"):  # 1x1 convs (O, I, 1, 1) -> linear (O, I)
-        if key in mapped and mapped[key].dim() == 4 and mapped[key].shape[2:] == (1, 1):
-            mapped[key] = mapped[key].flatten(1)
+    mapped, sources = map_vq_state(state, checkpoint)
     fill_state(tok, mapped, sources, checkpoint, VQ, fresh=VQ_FRESH)
     info = {
         "info": tok.describe(),
