@@ -26,6 +26,7 @@ from vistok.convert.llamagen import (
     GPT_IGNORED,
     GPT_RULES,
     VQ_FRESH,
+    convert_gpt,
     convert_vq,
     map_vq_state,
     rename,
@@ -71,18 +72,11 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     vq = fixture("llamagen_vq")
     gpt = fixture("llamagen_gpt")
     meta = json.loads((vq / "meta.json").read_text())
-    convert("llamagen-vq", str(vq / meta["checkpoint_file"]), "--out", str(out / "vq"))
-    convert(
-        "llamagen-vq",
-        str(vq / meta["checkpoint_file"]),
-        "--out",
-        str(out / "vq128"),
-        "--resolution",
-        "128",
-    )
+    vq_args = [str(vq / meta["checkpoint_file"]), "--resolution", "128"]
+    convert("llamagen-vq", *vq_args, "--out", str(out / "vq"))
     ckpt = gpt / json.loads((gpt / "meta.json").read_text())["checkpoint_file"]
-    convert("llamagen-gpt", str(ckpt), "--tokenizer", str(out / "vq128"), "--out", str(out / "gpt"))
-    return {"vq": out / "vq", "vq128": out / "vq128", "gpt": out / "gpt", "root": out}
+    convert("llamagen-gpt", str(ckpt), "--tokenizer", str(out / "vq"), "--out", str(out / "gpt"))
+    return {"vq": out / "vq", "gpt": out / "gpt"}
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -96,7 +90,6 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_vq_codes_latents_and_reconstructions_match_llamagen(converted):
     case = load(fixture("llamagen_vq") / "case.pt")
     tok = vistok.load_tokenizer(str(converted["vq"]))
-    assert tok.resolution == 256  # the reference's default
     with torch.no_grad():
         out = tok.quantize(case["images"])
         recon = tok.decode(out.quantized)
@@ -236,7 +229,7 @@ def test_converted_pair_extracts_codes_and_samples(converted, tmp_path):
     vq_ckpt = fixture("llamagen_vq") / "vq_tiny.pt"
 
     codes = tmp_path / "codes"
-    extract = ["-m", "vistok.data.extract_codes", "--tokenizer", str(converted["vq128"])]
+    extract = ["-m", "vistok.data.extract_codes", "--tokenizer", str(converted["vq"])]
     run([*extract, "--out", str(codes), "--shards", shards, "--num-workers", "0"])
     meta = json.loads((codes / "meta.json").read_text())
     assert meta["tokenizer"]["sha256"] == file_sha256(vq_ckpt)
@@ -284,15 +277,15 @@ def test_gpt_whose_vocabulary_differs_from_the_tokenizer_is_refused(converted, t
     state = load(fixture("llamagen_vq") / "vq_tiny.pt")["model"]
     state["quantize.embedding.weight"] = state["quantize.embedding.weight"][:512].clone()
     torch.save({"model": state}, tmp_path / "vq512.pt")
-    convert("llamagen-vq", str(tmp_path / "vq512.pt"), "--out", str(tmp_path / "vq512"))
+    convert_vq(str(tmp_path / "vq512.pt"), str(tmp_path / "vq512"), resolution=128)
     gpt = fixture("llamagen_gpt") / "gpt_tiny.pt"
     args = ["llamagen-gpt", str(gpt), "--tokenizer", str(tmp_path / "vq512")]
     proc = convert(*args, "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0
     assert "predicts 1024 codes" in proc.stderr and "512" in proc.stderr
     assert "same codebook size" in proc.stderr
-    no_tok = convert("llamagen-gpt", str(gpt), "--out", str(tmp_path / "o2"), check=False)
-    assert no_tok.returncode != 0 and "needs --tokenizer" in no_tok.stderr
+    with pytest.raises(ConversionError, match="needs --tokenizer"):
+        convert_gpt(str(gpt), str(tmp_path / "o2"))
 
 
 def test_unknown_keys_and_shapes_are_named(tmp_path):
@@ -312,5 +305,8 @@ def test_unknown_keys_and_shapes_are_named(tmp_path):
     torch.save({"model": missing}, tmp_path / "missing.pt")
     with pytest.raises(ConversionError, match=r"no weights for proj_out\.bias"):
         convert_vq(str(tmp_path / "missing.pt"), str(tmp_path / "o"))
+    ckpt = fixture("llamagen_vq") / "vq_tiny.pt"
     with pytest.raises(ConversionError, match="has no 'ema' weights"):
-        convert_vq(str(fixture("llamagen_vq") / "vq_tiny.pt"), str(tmp_path / "o"), ema=True)
+        convert_vq(str(ckpt), str(tmp_path / "o"), ema=True)
+    # Without --resolution: the reference's 256 px.
+    assert vistok.load_tokenizer(str(convert_vq(str(ckpt), str(tmp_path / "o")))).resolution == 256
