@@ -1,7 +1,8 @@
 """LlamaGen parity: its VQ tokenizer and c2i GPT, converted with ``python -m vistok.convert`` and
 loaded through the public API, compute LlamaGen's functions (fixtures made by LlamaGen's own code
 in ``<repo>/../shared/parity``); the paper-scale configs are LlamaGen's models; a converted pair
-runs through extract_codes and sample.py; bad checkpoints are refused with a way out."""
+runs through extract_codes, sample.py and post-training pairs; bad checkpoints are refused with
+a way out."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from helpers import ROOT, photo_crops, run
 import vistok
 from vistok.common.checkpoints import file_sha256
 from vistok.common.configurable import instantiate
-from vistok.convert.common import ConversionError
+from vistok.convert.__main__ import main as convert_main
+from vistok.convert.common import ConversionError, rename
 from vistok.convert.llamagen import (
     GPT_IGNORED,
     GPT_RULES,
@@ -29,9 +31,10 @@ from vistok.convert.llamagen import (
     convert_gpt,
     convert_vq,
     map_vq_state,
-    rename,
     vq_architecture,
 )
+from vistok.data.extract_codes import main as extract_codes
+from vistok.data.make_posttrain_pairs import main as make_pairs
 from vistok.data.make_shards import shard_pattern, write_shards
 from vistok.generators.ar import GPT
 from vistok.generators.sampling import SamplingConfig, generate
@@ -229,8 +232,8 @@ def test_converted_pair_extracts_codes_and_samples(converted, tmp_path):
     vq_ckpt = fixture("llamagen_vq") / "vq_tiny.pt"
 
     codes = tmp_path / "codes"
-    extract = ["-m", "vistok.data.extract_codes", "--tokenizer", str(converted["vq"])]
-    run([*extract, "--out", str(codes), "--shards", shards, "--num-workers", "0"])
+    extract = ["--tokenizer", str(converted["vq"]), "--out", str(codes), "--shards", shards]
+    extract_codes([*extract, "--num-workers", "0"])
     meta = json.loads((codes / "meta.json").read_text())
     assert meta["tokenizer"]["sha256"] == file_sha256(vq_ckpt)
     assert meta["token_shape"] == [8, 8] and meta["splits"]["train"]["count"] == 4
@@ -250,19 +253,31 @@ def test_converted_pair_extracts_codes_and_samples(converted, tmp_path):
     got = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
     assert (got - expected).abs().max() <= 1
 
+    # Post-training pairs from the converted pair, with RobusTok's default guidance.
+    pairs = ["--generator", str(converted["gpt"]), "--shards", shards, "--out", str(tmp_path / "p")]
+    meta = make_pairs(pairs)
+    assert meta["splits"]["train"]["count"] == 4
+    assert meta["tokenizer"]["sha256"] == file_sha256(vq_ckpt)
+    assert meta["protocol"]["sampling"]["cfg_schedule"] == "pow-cosine"
+
 
 # ---------------------------------------------------------------------------------------------
 # Bad input
 
 
+def refused(*args: str) -> str:
+    """The CLI's error message (in-process; the subprocess path is checked once below)."""
+    with pytest.raises(SystemExit) as done:
+        convert_main(list(args))
+    assert str(done.value).startswith("error: ")
+    return str(done.value)
+
+
 def test_truncated_checkpoint_is_refused(tmp_path):
     data = (fixture("llamagen_vq") / "vq_tiny.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    proc = convert(
-        "llamagen-vq", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "o"), check=False
-    )
-    assert proc.returncode != 0
-    assert "truncated" in proc.stderr and "Download it again" in proc.stderr
+    message = refused("llamagen-vq", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "o"))
+    assert "truncated" in message and "Download it again" in message
     assert not (tmp_path / "o").exists()
 
 
@@ -271,6 +286,9 @@ def test_checkpoint_of_another_format_is_refused(tmp_path):
     proc = convert("llamagen-vq", str(wetok), "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0
     assert "not a llamagen-vq checkpoint" in proc.stderr and "format wetok" in proc.stderr
+    gpt = fixture("llamagen_gpt") / "gpt_tiny.pt"
+    message = refused("llamagen-vq", str(gpt), "--out", str(tmp_path / "o"))
+    assert "has no encoder.conv_in.weight" in message and "Choose the format" in message
 
 
 def test_gpt_whose_vocabulary_differs_from_the_tokenizer_is_refused(converted, tmp_path):
@@ -280,10 +298,9 @@ def test_gpt_whose_vocabulary_differs_from_the_tokenizer_is_refused(converted, t
     convert_vq(str(tmp_path / "vq512.pt"), str(tmp_path / "vq512"), resolution=128)
     gpt = fixture("llamagen_gpt") / "gpt_tiny.pt"
     args = ["llamagen-gpt", str(gpt), "--tokenizer", str(tmp_path / "vq512")]
-    proc = convert(*args, "--out", str(tmp_path / "o"), check=False)
-    assert proc.returncode != 0
-    assert "predicts 1024 codes" in proc.stderr and "512" in proc.stderr
-    assert "same codebook size" in proc.stderr
+    message = refused(*args, "--out", str(tmp_path / "o"))
+    assert "predicts 1024 codes" in message and "512" in message
+    assert "same codebook size" in message
     with pytest.raises(ConversionError, match="needs --tokenizer"):
         convert_gpt(str(gpt), str(tmp_path / "o2"))
 
