@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from vistok.common.hub import CARD
+
 
 def run_folder(ckpt: Path) -> Path | None:
     """The run folder a checkpoint was written in (``<run>/checkpoints/x.ckpt``), if it is one."""
@@ -86,3 +88,21 @@ def model_card(config: dict[str, Any], results: dict[str, Any] | None, image: st
         "",
     ]
     return "\n".join(lines)
+
+
+def write_card(
+    folder: Path, results: dict[str, Any] | None = None, image: str | None = None
+) -> None:
+    """The folder's README.md model card, from its config.json (tokenizer or generator)."""
+    config = json.loads((folder / "config.json").read_text())
+    card = model_card(config, results, image)
+    if config["kind"] == "generator":
+        # Each family's usual sampling settings (LlamaGen's CFG for AR, DiT's for diffusion).
+        gpt = config["model"]["class_path"].endswith(".GPT")
+        flags = "--cfg 2.0" if gpt else "--steps 50 --cfg 1.5"
+        usage = (
+            "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
+            f"--num-images 50000 {flags} --out samples/\n```\n"
+        )
+        card = card[: card.index("## Use")] + usage
+    (folder / CARD).write_text(card)

@@ -11,13 +11,18 @@ Bernoulli logits per bit (Instella-T2I's AR prior). Every head gives logits ``(B
 F factors per token (1, the groups, or the bits) over V values each, so the loss and the sampler
 are the same for all of them.
 
-Sequence layout: input ``[class, t_0, ..., t_{N-2}]`` predicts ``[t_0, ..., t_{N-1}]``; the
-class token gets no rotation and input position i >= 1 the rotation of code i-1's grid position.
+Sequence layout: input ``[class, t_0, ..., t_{N-2}]`` predicts ``[t_0, ..., t_{N-1}]``; input
+position i >= 1 gets the rotation of code i-1's grid position. The class token is either left
+unrotated (``class_rope="identity"``) or, as in LlamaGen, "rotated" by an all-zero table row
+(``class_rope="zero"``): its query and key are zero, so every position gives it the attention
+score 0 and it conditions the image through its value only. LlamaGen's checkpoints need "zero"
+(``tests/test_parity_llamagen.py`` matches its logits and greedy samples).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +47,11 @@ class GPT(Configurable, nn.Module):
         num_classes: class labels; label ``num_classes`` is the null class (CFG). 0 = unconditional.
         preset: a name in ``GPT_PRESETS``; ``depth``/``dim``/``heads``/``head_layers`` override it.
         head_layers: transformer layers of the factorized sub-token head (group codes only).
-        dropout: residual/attention/FFN dropout; ``token_dropout`` on the input embeddings;
+        class_rope: how the class token enters the rotary embedding (see the module docstring).
+        dropout: residual and FFN dropout; ``attn_dropout`` on the attention probabilities;
+        ``token_dropout`` on the whole input sequence (class token included);
         label_dropout: probability of replacing the label by the null class in training.
+        LlamaGen's c2i training: 0.1, 0.0, 0.1, 0.1.
     """
 
     def __init__(
@@ -57,10 +65,12 @@ class GPT(Configurable, nn.Module):
         heads: int | None = None,
         head_layers: int | None = None,
         dropout: float = 0.1,
+        attn_dropout: float = 0.0,
         token_dropout: float = 0.1,
         label_dropout: float = 0.1,
         multiple_of: int = 256,
         rope_base: float = 10000.0,
+        class_rope: Literal["identity", "zero"] = "identity",
     ):
         super().__init__()
         if preset not in GPT_PRESETS:
@@ -78,14 +88,20 @@ class GPT(Configurable, nn.Module):
         self.head = make_head(code_space, self.dim, cfg["head_layers"], self.heads, multiple_of)
         self.token_dropout = nn.Dropout(token_dropout)
         self.blocks = nn.ModuleList(
-            Block(self.dim, self.heads, dropout, True, multiple_of) for _ in range(self.depth)
+            Block(self.dim, self.heads, dropout, True, multiple_of, attn_dropout)
+            for _ in range(self.depth)
         )
         self.norm = RMSNorm(self.dim)
         # A training-time switch, not part of the model: recompute blocks in the backward pass.
         self.activation_checkpointing = False
+        if class_rope not in ("identity", "zero"):
+            raise ValueError(f"class_rope must be 'identity' or 'zero', got {class_rope!r}")
         angles = rope_angles(self.token_shape, self.dim // self.heads, rope_base)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)  # (1 + N, Dh/2)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = angles.cos(), angles.sin()  # (1 + N, Dh/2)
+        if class_rope == "zero":
+            cos[0], sin[0] = 0.0, 0.0  # LlamaGen: the class token's q and k become 0
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self)
         self.head.reset_output()
 
@@ -124,8 +140,9 @@ class GPT(Configurable, nn.Module):
     def input_sequence(self, seq: Tensor, labels: Tensor | None) -> Tensor:
         """Codes (B, T, F) -> transformer input [class, embed(codes)] (B, 1 + T, D)."""
         cls = self.class_tokens(labels, seq.shape[0], seq.device)
-        tokens = self.token_dropout(self.head.embed(seq))  # (B, T, D)
-        return torch.cat([cls.to(tokens.dtype), tokens], dim=1)
+        tokens = self.head.embed(seq)  # (B, T, D)
+        # LlamaGen drops out the class token's embedding too.
+        return self.token_dropout(torch.cat([cls.to(tokens.dtype), tokens], dim=1))
 
     # --- transformer --------------------------------------------------------------------------
     def hidden(self, x: Tensor, start: int | None = None) -> Tensor:

@@ -29,10 +29,12 @@ class GPTOptions(TypedDict, total=False):
     heads: int
     head_layers: int
     dropout: float
+    attn_dropout: float
     token_dropout: float
     label_dropout: float
     multiple_of: int
     rope_base: float
+    class_rope: str
 
 
 class ARModule(GeneratorModule):

@@ -3,12 +3,11 @@ generator with its tokenizer beside it, or a tokenizer alone (``vistok.tokenizer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vistok.common.checkpoints import read_checkpoint
-from vistok.common.export import model_card
-from vistok.common.hub import CARD, push_folder, save_pretrained
+from vistok.common.export import write_card
+from vistok.common.hub import push_folder, save_pretrained
 from vistok.generators.checkpoint import NET_KEYS, load_generator
 from vistok.tokenizers.checkpoint import resolve_tokenizer
 from vistok.tokenizers.export import export_tokenizer
@@ -43,15 +42,7 @@ def export_generator(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
         "weights": "ema" if tok.identity["ema"] else "raw",
     }
     save_pretrained(tok.tokenizer, folder / "tokenizer", "tokenizer", tok_info)
-    config = json.loads((folder / "config.json").read_text())
-    # Each family's usual sampling settings (LlamaGen's CFG for AR, DiT's for diffusion).
-    flags = "--cfg 2.0" if type(gpt).__name__ == "GPT" else "--steps 50 --cfg 1.5"
-    usage = (
-        "## Use\n\n```bash\npython sample.py --generator <this folder or repo id> "
-        f"--num-images 50000 {flags} --out samples/\n```\n"
-    )
-    card = model_card(config, None, None)
-    (folder / CARD).write_text(card[: card.index("## Use")] + usage)
+    write_card(folder)
     return folder
 
 

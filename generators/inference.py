@@ -153,6 +153,7 @@ def make_sampler(args: argparse.Namespace, model, tokenizer) -> Sampler:
             args.temperature,
             args.top_k,
             args.top_p,
+            args.cfg_power,
         )
     else:
         config = diffusion_config(args, model, cfg_scale)

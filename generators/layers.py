@@ -91,14 +91,24 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = True):
+    """``dropout`` on the output projection; ``attn_dropout`` on the attention probabilities
+    (LlamaGen: 0.1 and 0.0)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        causal: bool = True,
+        attn_dropout: float = 0.0,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim, self.causal = heads, dim // heads, causal
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.attn_dropout, self.resid_dropout = dropout, nn.Dropout(dropout)
+        self.attn_dropout, self.resid_dropout = attn_dropout, nn.Dropout(dropout)
         self.cache: KVCache | None = None
 
     def forward(
@@ -150,10 +160,11 @@ class Block(nn.Module):
         dropout: float = 0.0,
         causal: bool = True,
         multiple_of: int = 256,
+        attn_dropout: float = 0.0,
     ):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
-        self.attn = Attention(dim, heads, dropout, causal)
+        self.attn = Attention(dim, heads, dropout, causal, attn_dropout)
         self.ffn = SwiGLU(dim, ffn_hidden(dim, multiple_of), dropout)
 
     def forward(

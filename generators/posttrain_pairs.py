@@ -3,7 +3,7 @@ regenerates from it by teacher forcing (RobusTok).
 
     python -m vistok.data.make_posttrain_pairs --generator runs/ar/checkpoints/last.ckpt \
         --tokenizer runs/vq/checkpoints/last.ckpt --shards '/data/train-{000000..001023}.tar' \
-        --preservation 0.7 --cfg 6.0 --temperature 1.02 --out pairs/
+        --preservation 0.7 --cfg 6.0 --cfg-schedule pow-cosine --temperature 1.02 --out pairs/
     torchrun --nproc_per_node=8 -m vistok.data.make_posttrain_pairs ...   # same arguments
 
 Each image is centre-cropped to the tokenizer's resolution and encoded (eval mode, the weights
@@ -51,7 +51,7 @@ from vistok.data.stream import expand_shards
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
 from vistok.generators.inference import init_distributed
-from vistok.generators.sampling import SamplingConfig
+from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig
 from vistok.generators.teacher_forcing import partially_denoised, teacher_forced
 from vistok.tokenizers.checkpoint import TokenizerMismatch, recorded_source, resolve_tokenizer
 
@@ -230,6 +230,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
             args.temperature,
             args.top_k,
             args.top_p,
+            args.cfg_power,
         )
         regenerate = teacher_forcing(model, args, config)
         protocol = {
@@ -326,7 +327,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="classifier-free guidance scale (default: RobusTok's 6.0 for AR, 1.0 for flow)",
     )
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument(
+        "--cfg-schedule",
+        choices=CFG_SCHEDULES,
+        default="pow-cosine",
+        help="AR guidance over token positions; default RobusTok's: RAR's power-cosine ramp up "
+        "to --cfg (6.0 peak, about 3.3 on average over 256 tokens)",
+    )
+    p.add_argument("--cfg-power", type=float, default=1.15, help="exponent of pow-cosine")
     p.add_argument(
         "--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "END")
     )

@@ -8,6 +8,7 @@ import argparse
 from typing import Any
 
 from vistok.generators.inference import DEFAULT_STEPS, sample
+from vistok.generators.sampling import CFG_SCHEDULES
 from vistok.tokenizers.checkpoint import TokenizerMismatch
 
 
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--cfg-schedule", choices=["constant", "linear"], default="constant")
+    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
+    p.add_argument("--cfg-power", type=float, default=1.15, help="exponent of pow-cosine")
     p.add_argument(
         "--cfg-interval",
         type=float,

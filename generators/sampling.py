@@ -4,10 +4,14 @@
   ``u + s (c - u)``): the batch is doubled, conditional rows first, null-class rows second. It
   acts on every factor the head samples: per sub-token for WeTok's factorized head, on the
   Bernoulli logits (as two-way logits) for bits.
-- Guidance schedule: ``constant`` or ``linear`` (the scale ramps from 1 at the first token to s
-  at the last), restricted to an interval of token positions (guidance is off outside it, as in
-  "Applying Guidance in a Limited Interval", Kynkaanniemi et al. 2024,
-  https://arxiv.org/abs/2404.07724, here over positions rather than noise levels).
+- Guidance schedule: ``constant``, ``linear`` (the scale ramps from 1 at the first token to s
+  at the last) or ``pow-cosine``, RAR's power-cosine ramp (Yu et al. 2024,
+  https://arxiv.org/abs/2411.00776) that RobusTok uses to make its post-training pairs:
+  ``(s - 1) (1 - cos(pi (i / N) ** p)) / 2 + 1`` at token i of N, p = ``cfg_power`` (1.15); at
+  peak s = 6 it averages about 3.3 over 256 tokens. Each is restricted to an interval of token
+  positions (guidance is off outside it, as in "Applying Guidance in a Limited Interval",
+  Kynkaanniemi et al. 2024, https://arxiv.org/abs/2404.07724, here over positions rather than
+  noise levels).
 - Temperature 0 or top-k 1 is greedy decoding and draws no random numbers. Otherwise logits are
   divided by the temperature, filtered (top-k, then top-p: the smallest set whose probability
   reaches p, the most likely token always kept) and sampled with the Gumbel-max trick from a
@@ -27,19 +31,26 @@ from torch import Tensor
 
 from vistok.generators.ar import GPT
 
+CFG_SCHEDULES = ("constant", "linear", "pow-cosine")
+
 
 @dataclass
 class SamplingConfig:
     cfg_scale: float = 1.0
-    cfg_schedule: Literal["constant", "linear"] = "constant"
+    cfg_schedule: Literal["constant", "linear", "pow-cosine"] = "constant"
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # fraction of token positions with guidance
     temperature: float = 1.0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    cfg_power: float = 1.15  # exponent p of the pow-cosine schedule (RAR / RobusTok)
 
     def __post_init__(self):
-        if self.cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule must be constant or linear, got {self.cfg_schedule!r}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(
+                f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}"
+            )
+        if self.cfg_power <= 0:
+            raise ValueError(f"cfg_power must be > 0, got {self.cfg_power}")
         lo, hi = self.cfg_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"cfg_interval must satisfy 0 <= start <= end <= 1, got {lo, hi}")
@@ -53,6 +64,9 @@ class SamplingConfig:
             return 1.0
         if self.cfg_schedule == "linear":
             return 1.0 + (self.cfg_scale - 1.0) * (i / max(n - 1, 1))
+        if self.cfg_schedule == "pow-cosine":
+            ramp = (1.0 - math.cos(math.pi * (i / n) ** self.cfg_power)) / 2  # 0 -> ~1
+            return 1.0 + (self.cfg_scale - 1.0) * ramp
         return self.cfg_scale
 
     def to_dict(self) -> dict:

@@ -238,3 +238,21 @@ def test_training_step_reaches_every_parameter():
         missing = [n for n, p in model.named_parameters() if p.grad is None]
         assert not missing, (kind, missing)
         assert torch.isfinite(loss) and stats["nll_per_token"] > 0
+
+
+def test_pow_cosine_guidance_is_rars_ramp():
+    """RAR's power-cosine schedule (RobusTok's pairs): (s-1)(1-cos(pi (i/N)^p))/2 + 1."""
+    config = SamplingConfig(cfg_scale=6.0, cfg_schedule="pow-cosine", cfg_power=1.15)
+    n = 256
+    scales = [config.scale_at(i, n) for i in range(n)]
+    for i in (0, 1, 64, 128, 200, 255):
+        expected = 5.0 * (1 - math.cos(math.pi * (i / n) ** 1.15)) / 2 + 1
+        assert scales[i] == pytest.approx(expected, abs=1e-12)
+    assert scales[0] == 1.0 and all(a < b for a, b in zip(scales, scales[1:]))
+    assert 5.99 < scales[-1] < 6.0
+    assert sum(scales) / n == pytest.approx(3.29, abs=0.01)  # about half the constant's guidance
+    # p = 1 is the plain cosine ramp, symmetric around the middle.
+    cosine = SamplingConfig(cfg_scale=3.0, cfg_schedule="pow-cosine", cfg_power=1.0)
+    assert cosine.scale_at(128, 256) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="cfg_power"):
+        SamplingConfig(cfg_schedule="pow-cosine", cfg_power=0.0)

@@ -65,6 +65,9 @@ def test_pairs_hold_the_real_pixels_their_codes_and_the_regeneration(setup):
     assert meta["protocol"]["preservation"] == 0.5
     assert meta["protocol"]["sampling"]["cfg_scale"] == 6.0  # RobusTok's defaults
     assert meta["protocol"]["sampling"]["temperature"] == 1.02
+    # RobusTok's guidance: 6.0 is the peak of RAR's power-cosine ramp, not a constant.
+    assert meta["protocol"]["sampling"]["cfg_schedule"] == "pow-cosine"
+    assert meta["protocol"]["sampling"]["cfg_power"] == 1.15
 
     tok = load_tokenizer_from_checkpoint(tmp / "tok.ckpt")  # EMA weights, as the codes used
     crops = ImageDataModule(val_shards=spec, resolution=32, val_batch_size=12, num_workers=0)

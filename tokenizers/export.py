@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from vistok.common.checkpoints import read_checkpoint
-from vistok.common.export import last_results, model_card, run_folder, training_data
-from vistok.common.hub import CARD, save_pretrained
+from vistok.common.export import last_results, run_folder, training_data, write_card
+from vistok.common.hub import save_pretrained
 from vistok.tokenizers.checkpoint import SOURCE_KEY, read_tokenizer, recorded_source
 
 
@@ -35,6 +34,5 @@ def export_tokenizer(ckpt: str | Path, out: str | Path, ema: bool) -> Path:
     if grids:
         shutil.copyfile(grids[-1], folder / "reconstructions.png")
         image = "reconstructions.png"
-    config = json.loads((folder / "config.json").read_text())
-    (folder / CARD).write_text(model_card(config, last_results(run), image))
+    write_card(folder, last_results(run), image)
     return folder

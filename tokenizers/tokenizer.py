@@ -115,12 +115,20 @@ class ConvArgs(TypedDict, total=False):
     mid_attention: bool
     num_mid_blocks: int
     dropout: float
+    norm_groups: int
+    level_attention: bool
+    down_padding: str  # encoder only
+    decoder_res_blocks: int  # decoder only: ResBlocks per level (default num_res_blocks)
 
 
 def conv_nets(cfg: dict[str, Any], **decoder_options: Any) -> tuple[nn.Module, nn.Module]:
     """The CNN encoder and its mirrored decoder from a resolved family config."""
-    shared = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg}
-    return Encoder(**shared), Decoder(**shared, **decoder_options)
+    own = ("down_padding", "decoder_res_blocks")
+    shared = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg and k not in own}
+    encoder = Encoder(**shared, **{k: cfg[k] for k in own[:1] if k in cfg})
+    if cfg.get("decoder_res_blocks") is not None:
+        shared["num_res_blocks"] = cfg["decoder_res_blocks"]
+    return encoder, Decoder(**shared, **decoder_options)
 
 
 def resolve_preset(presets: dict[str, dict], preset: str, **given: Any) -> dict[str, Any]:

@@ -15,6 +15,17 @@ options that are switched on here by constructor arguments:
 - ``noise_channels > 0``: Generative Decoding. A Gaussian noise map is concatenated to ``z`` before
   ``conv_in``; ``load_stage1`` starts it from a plain decoder with the noise part of ``conv_in`` at
   zero, so training starts exactly where stage 1 ended.
+
+Options that express the taming-transformers / LlamaGen network exactly (LlamaGen's
+``tokenizer/tokenizer_image/vq_model.py``, checked against its outputs in
+``tests/test_parity_llamagen.py``):
+
+- ``level_attention``: an attention block after every ResBlock of the lowest-resolution level
+  (taming's ``attn_resolutions`` = the latent resolution), besides the one in the middle.
+- ``down_padding="asymmetric"``: pad right/bottom by one, then a stride-2 conv without padding
+  (taming's Downsample); ``"same"`` pads one on every side.
+- ``norm_groups``: a fixed GroupNorm group count (taming: 32 at any width).
+- the decoder's ``num_res_blocks`` may differ from the encoder's (taming: one more).
 """
 
 from __future__ import annotations
@@ -44,9 +55,9 @@ class AdaptiveGroupNorm(nn.Module):
     GroupNorm and the conditioning is learned from there.
     """
 
-    def __init__(self, channels: int, z_channels: int):
+    def __init__(self, channels: int, z_channels: int, groups: int | None = None):
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups(channels), channels, eps=1e-6, affine=False)
+        self.norm = nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6, affine=False)
         self.to_scale = nn.Linear(z_channels, channels)
         self.to_bias = nn.Linear(z_channels, channels)
         for layer in (self.to_scale, self.to_bias):
@@ -60,10 +71,10 @@ class AdaptiveGroupNorm(nn.Module):
         return self.norm(x) * scale + bias
 
 
-def _norm(channels: int, z_channels: int | None) -> nn.Module:
+def _norm(channels: int, z_channels: int | None, groups: int | None = None) -> nn.Module:
     if z_channels is None:
-        return nn.GroupNorm(num_groups(channels), channels, eps=1e-6)
-    return AdaptiveGroupNorm(channels, z_channels)
+        return nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6)
+    return AdaptiveGroupNorm(channels, z_channels, groups)
 
 
 def _apply_norm(norm: nn.Module, x: Tensor, cond: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -80,12 +91,17 @@ def latent_stats(z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
 
 class ResBlock(nn.Module):
     def __init__(
-        self, in_ch: int, out_ch: int, dropout: float = 0.0, z_channels: int | None = None
+        self,
+        in_ch: int,
+        out_ch: int,
+        dropout: float = 0.0,
+        z_channels: int | None = None,
+        groups: int | None = None,
     ):
         super().__init__()
-        self.norm1 = _norm(in_ch, z_channels)
+        self.norm1 = _norm(in_ch, z_channels, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch, z_channels)
+        self.norm2 = _norm(out_ch, z_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -99,9 +115,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map."""
 
-    def __init__(self, channels: int, z_channels: int | None = None):
+    def __init__(self, channels: int, z_channels: int | None = None, groups: int | None = None):
         super().__init__()
-        self.norm = _norm(channels, z_channels)
+        self.norm = _norm(channels, z_channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -118,14 +134,20 @@ class MidBlocks(nn.Module):
     """``num_blocks`` ResBlocks, with attention after the first one when enabled (VQGAN)."""
 
     def __init__(
-        self, channels: int, num_blocks: int, attention: bool, dropout: float, z_channels=None
+        self,
+        channels: int,
+        num_blocks: int,
+        attention: bool,
+        dropout: float,
+        z_channels=None,
+        groups: int | None = None,
     ):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(num_blocks):
-            layers.append(ResBlock(channels, channels, dropout, z_channels))
+            layers.append(ResBlock(channels, channels, dropout, z_channels, groups))
             if attention and i == 0:
-                layers.append(AttnBlock(channels, z_channels))
+                layers.append(AttnBlock(channels, z_channels, groups))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -135,11 +157,16 @@ class MidBlocks(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: Literal["same", "asymmetric"] = "same"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in ("same", "asymmetric"):
+            raise ValueError(f"down_padding must be 'same' or 'asymmetric', got {padding!r}")
+        self.asymmetric = padding == "asymmetric"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.asymmetric else 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.asymmetric:  # taming: windows start at even pixels, so pad right/bottom only
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)  # (B, C, H/2, W/2)
 
 
@@ -157,6 +184,36 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
+def _level(
+    in_ch: int,
+    out_ch: int,
+    num_blocks: int,
+    dropout: float,
+    cond: int | None,
+    groups: int | None,
+    attention: bool,
+) -> nn.Module:
+    """One resolution level: ResBlocks, each followed by attention when ``attention``."""
+    level = nn.Module()
+    level.blocks = nn.ModuleList(
+        ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout, cond, groups)
+        for j in range(num_blocks)
+    )
+    # Empty unless asked for: an empty ModuleList adds no state-dict key.
+    level.attn = nn.ModuleList(
+        AttnBlock(out_ch, cond, groups) for _ in range(num_blocks if attention else 0)
+    )
+    return level
+
+
+def _run_level(level: nn.Module, h: Tensor, cond: tuple[Tensor, Tensor] | None) -> Tensor:
+    for j, block in enumerate(level.blocks):
+        h = block(h, cond)
+        if len(level.attn):
+            h = level.attn[j](h, cond)
+    return h
+
+
 class Encoder(Configurable, nn.Module):
     """Images (B, in_channels, H, W) -> latents (B, z_channels, H/f, W/f), f = ``downsample``."""
 
@@ -170,25 +227,26 @@ class Encoder(Configurable, nn.Module):
         mid_attention: bool = True,
         num_mid_blocks: int = 2,
         dropout: float = 0.0,
+        norm_groups: int | None = None,
+        level_attention: bool = False,
+        down_padding: Literal["same", "asymmetric"] = "same",
     ):
         super().__init__()
         self.z_channels = z_channels
         self.conv_in = nn.Conv2d(in_channels, channels * channel_mult[0], 3, padding=1)
         levels = []
         in_ch = channels * channel_mult[0]
+        last = len(channel_mult) - 1
         for i, mult in enumerate(channel_mult):
             out_ch = channels * mult
-            level = nn.Module()
-            level.blocks = nn.ModuleList(
-                ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout)
-                for j in range(num_res_blocks)
-            )
-            level.down = Downsample(out_ch) if i < len(channel_mult) - 1 else nn.Identity()
+            attention = level_attention and i == last
+            level = _level(in_ch, out_ch, num_res_blocks, dropout, None, norm_groups, attention)
+            level.down = Downsample(out_ch, down_padding) if i < last else nn.Identity()
             levels.append(level)
             in_ch = out_ch
         self.levels = nn.ModuleList(levels)
-        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout)
-        self.norm_out = _norm(in_ch, None)
+        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout, None, norm_groups)
+        self.norm_out = _norm(in_ch, None, norm_groups)
         self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
         self._downsample = 2 ** (len(channel_mult) - 1)
 
@@ -199,9 +257,7 @@ class Encoder(Configurable, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
         for level in self.levels:
-            for block in level.blocks:
-                h = block(h)
-            h = level.down(h)  # halves H, W except at the last level
+            h = level.down(_run_level(level, h, None))  # halves H, W except at the last level
         h = self.mid(h)  # (B, C_last, H/f, W/f)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
 
@@ -209,8 +265,8 @@ class Encoder(Configurable, nn.Module):
 class Decoder(Configurable, nn.Module):
     """Latents (B, z_channels, h, w) -> images (B, out_channels, h*f, w*f); mirror of Encoder.
 
-    Each level has ``num_res_blocks`` ResBlocks like the encoder (WeTok/MAGVIT-v2 layout; VQGAN
-    uses one more).
+    Each level has ``num_res_blocks`` ResBlocks: as many as the encoder in WeTok/MAGVIT-v2, one
+    more in VQGAN/LlamaGen.
     """
 
     def __init__(
@@ -226,6 +282,8 @@ class Decoder(Configurable, nn.Module):
         adaptive_norm: bool = False,
         upsample: Literal["nearest", "depth_to_space"] = "nearest",
         noise_channels: int = 0,
+        norm_groups: int | None = None,
+        level_attention: bool = False,
     ):
         super().__init__()
         if upsample not in ("nearest", "depth_to_space"):
@@ -235,20 +293,17 @@ class Decoder(Configurable, nn.Module):
         cond = z_channels if adaptive_norm else None
         in_ch = channels * channel_mult[-1]
         self.conv_in = nn.Conv2d(z_channels + noise_channels, in_ch, 3, padding=1)
-        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout, cond)
+        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout, cond, norm_groups)
         levels = []
         for i in reversed(range(len(channel_mult))):
             out_ch = channels * channel_mult[i]
-            level = nn.Module()
-            level.blocks = nn.ModuleList(
-                ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout, cond)
-                for j in range(num_res_blocks)
-            )
+            attention = level_attention and i == len(channel_mult) - 1
+            level = _level(in_ch, out_ch, num_res_blocks, dropout, cond, norm_groups, attention)
             level.up = Upsample(out_ch, upsample) if i > 0 else nn.Identity()
             levels.append(level)
             in_ch = out_ch
         self.levels = nn.ModuleList(levels)
-        self.norm_out = _norm(in_ch, cond)
+        self.norm_out = _norm(in_ch, cond, norm_groups)
         self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
         self._adaptive = adaptive_norm
 
@@ -280,9 +335,7 @@ class Decoder(Configurable, nn.Module):
         cond = latent_stats(z) if self._adaptive else None
         h = self.mid(self.conv_in(z_in), cond)  # (B, C_last, h, w)
         for level in self.levels:
-            for block in level.blocks:
-                h = block(h, cond)
-            h = level.up(h)  # doubles h, w except at the last level
+            h = level.up(_run_level(level, h, cond))  # doubles h, w except at the last level
         h = F.silu(_apply_norm(self.norm_out, h, cond))
         return self.conv_out(h)  # (B, out_channels, h*f, w*f)
 
