@@ -50,48 +50,55 @@ import pytorch_lightning as pl
 import torch
 
 from vistok.data.image_decode import ImageDecoder
-from vistok.data.stream import ShardStream, SkipStats, StreamLoader, expand_shards
+from vistok.data.stream import (
+    SampleDecoder,
+    ShardStream,
+    SkipStats,
+    StreamLoader,
+    expand_shards,
+)
 
 
-class ImageDataModule(pl.LightningDataModule):
+class StreamDataModule(pl.LightningDataModule):
+    """What every vistok DataModule shares: a training stream cut into ``batches_per_epoch``
+    batches per rank and a read-once validation stream, both ``ShardStream``s whose decoders the
+    subclass supplies (``train_decoder`` / ``val_decoder``), skip accounting, and the rank.
+
+    Subclasses set the decoders and implement ``train_urls`` / ``val_urls`` (None: no
+    validation)."""
+
+    train_decoder: SampleDecoder | ImageDecoder
+    val_decoder: SampleDecoder | ImageDecoder
+
     def __init__(
         self,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        resolution: int = 256,
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 4,
-        shuffle_buffer: int = 1000,
-        batches_per_epoch: int = 1000,
-        random_crop: bool = True,
-        hflip: bool = True,
-        small_images: Literal["upscale", "skip"] = "upscale",
-        max_pixels: int = 89_478_485,
-        max_bad_fraction: float = 0.05,
-        bad_fraction_min_samples: int = 1000,
-        seed: int = 0,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        shuffle_buffer: int,
+        batches_per_epoch: int,
+        max_bad_fraction: float,
+        bad_fraction_min_samples: int,
+        seed: int,
     ):
-        """See the module docstring for what each argument does."""
         super().__init__()
-        if resolution < 1 or batch_size < 1 or batches_per_epoch < 1:
+        if batch_size < 1 or batches_per_epoch < 1:
             raise ValueError("resolution, batch_size and batches_per_epoch must be >= 1")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.save_hyperparameters()
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.resolution, self.batch_size = resolution, batch_size
+        self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
-        self.max_bad_fraction, self.bad_fraction_min_samples = (
-            max_bad_fraction,
-            bad_fraction_min_samples,
-        )
-        decoder_args = dict(resolution=resolution, small_images=small_images, max_pixels=max_pixels)
-        self.train_decoder = ImageDecoder(random_crop=random_crop, hflip=hflip, **decoder_args)
-        self.val_decoder = ImageDecoder(random_crop=False, hflip=False, **decoder_args)
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
         self.train_stats, self.val_stats = SkipStats("train"), SkipStats("validation")
+
+    def train_urls(self) -> list[str]:
+        raise NotImplementedError
+
+    def val_urls(self) -> list[str] | None:
+        raise NotImplementedError
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -103,7 +110,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self, rank: int | None = None, world_size: int | None = None):
         """``rank`` / ``world_size`` default to the Trainer's (or torch.distributed's)."""
-        urls = self._urls(self.train_shards, "train")
+        urls = self.train_urls()
         rank, world_size = self._dist(rank, world_size)
         stream = ShardStream(
             urls,
@@ -126,7 +133,9 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self, rank: int | None = None, world_size: int | None = None):
-        urls = self._urls(self.val_shards, "val")
+        urls = self.val_urls()
+        if urls is None:
+            return []
         rank, world_size = self._dist(rank, world_size)
         stream = ShardStream(
             urls,
@@ -145,15 +154,6 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     # -- internals --------------------------------------------------------------------------
-    def _urls(self, spec: str | None, split: str) -> list[str]:
-        if spec is None:
-            from vistok.data.default_dataset import default_shards
-
-            spec = default_shards(split)
-        urls = expand_shards(spec)
-        # Local paths may use ~; URLs (pipe:, http:, s3: ...) are left as written.
-        return [u if ":" in u.split("/")[0] else os.path.expanduser(u) for u in urls]
-
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
 
@@ -168,6 +168,61 @@ class ImageDataModule(pl.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+
+class ImageDataModule(StreamDataModule):
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        resolution: int = 256,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int = 1000,
+        random_crop: bool = True,
+        hflip: bool = True,
+        small_images: Literal["upscale", "skip"] = "upscale",
+        max_pixels: int = 89_478_485,
+        max_bad_fraction: float = 0.05,
+        bad_fraction_min_samples: int = 1000,
+        seed: int = 0,
+    ):
+        """See the module docstring for what each argument does."""
+        if resolution < 1:
+            raise ValueError("resolution, batch_size and batches_per_epoch must be >= 1")
+        super().__init__(
+            batch_size,
+            val_batch_size,
+            num_workers,
+            shuffle_buffer,
+            batches_per_epoch,
+            max_bad_fraction,
+            bad_fraction_min_samples,
+            seed,
+        )
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.resolution = resolution
+        decoder_args = dict(resolution=resolution, small_images=small_images, max_pixels=max_pixels)
+        self.train_decoder = ImageDecoder(random_crop=random_crop, hflip=hflip, **decoder_args)
+        self.val_decoder = ImageDecoder(random_crop=False, hflip=False, **decoder_args)
+
+    def train_urls(self) -> list[str]:
+        return self._urls(self.train_shards, "train")
+
+    def val_urls(self) -> list[str]:
+        return self._urls(self.val_shards, "val")
+
+    def _urls(self, spec: str | None, split: str) -> list[str]:
+        if spec is None:
+            from vistok.data.default_dataset import default_shards
+
+            spec = default_shards(split)
+        urls = expand_shards(spec)
+        # Local paths may use ~; URLs (pipe:, http:, s3: ...) are left as written.
+        return [u if ":" in u.split("/")[0] else os.path.expanduser(u) for u in urls]
 
 
 class SkipCountLogger(pl.Callback):

@@ -2,14 +2,18 @@
 
 Each DataLoader worker runs one ``ShardStream``: shards -> tar members (webdataset's
 ``url_opener`` / ``tar_file_expander`` / ``group_by_keys``, with a handler that warns about and
-skips unreadable shards) -> [train: shuffle buffer] -> decode/crop -> batches.
+skips unreadable shards) -> [train: ``webdataset.shuffle`` buffer] -> a ``SampleDecoder`` ->
+batches. The decoder is the only part that knows what a sample holds: ``ImageSamples`` (here)
+for image shards, ``CodeSamples`` (``data/codes.py``) for extracted codes, ``PairSamples``
+(``data/pairs.py``) for post-training pairs.
 
 Skip counts travel inside the batches (``batch["skipped"]``) because workers are separate
 processes; a worker that meets many bad samples and no good ones sends count-only batches (no
 images) so that the main process still hears about it. ``StreamLoader`` (main process) removes the
 counts from every batch, adds them to a ``SkipStats``, drops count-only batches, raises
-``DataQualityError`` when the bad fraction exceeds the limit, and turns the images (uint8 between
-processes: a quarter of float's bytes) into float in [-1, 1].
+``DataQualityError`` when the bad fraction exceeds the limit, and hands each kept batch to the
+decoder's ``finish`` (images travel as uint8 between processes, a quarter of float's bytes, and
+become float in [-1, 1] there).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def partition_shards(
 
 def _seeded_rng(*parts) -> random.Random:
     # A str seed goes through SHA-512 in CPython: stable across runs and processes.
-    return random.Random(":".join(str(p) for p in ("vistok", *parts)))
+    return random.Random(":".join(str(p) for p in parts))
 
 
 class _Pending:
@@ -68,6 +72,7 @@ class _Pending:
     def __init__(self):
         self.counts: Counter[str] = Counter()
         self.good = 0
+        self.failures = 0  # unreadable shards, never reset by ``take``
 
     def take(self) -> dict[str, int]:
         counts, self.counts = dict(self.counts), Counter()
@@ -87,11 +92,76 @@ class _ShardHandler:
         where = f"shard {url}" if url else "shard data"
         warnings.warn(f"skipping unreadable {where}: {type(exn).__name__}: {cause}", stacklevel=2)
         self.pending.counts[SHARD_REASON] += 1
+        self.pending.failures += 1
         return True
 
 
+class SampleDecoder:
+    """What a ``ShardStream`` does with each raw sample: the pluggable part of the stream.
+
+    ``__call__`` (in the worker) turns one WebDataset sample (a dict of raw bytes) into its
+    fields, a dict of numpy arrays, or returns a skip reason (one of ``SKIP_REASONS``); ``rng`` is
+    the stream's generator in training and None in validation. ``collate`` (in the worker)
+    stacks a batch's fields into tensors and must accept empty lists (count-only batches);
+    ``finish`` (in the main process) turns a kept batch into what the model receives.
+    """
+
+    fields: tuple[str, ...] = ()
+    shards = "training"  # what the shards are called in "none of these ... shards" errors
+    rng_name = "vistok"  # first part of the per-(seed, rank, worker, epoch) rng's seed
+    pin_memory = False
+
+    def __call__(self, sample: dict, rng: random.Random | None) -> dict[str, np.ndarray] | str:
+        raise NotImplementedError
+
+    def collate(self, fields: dict[str, list]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self, batch: dict) -> dict:
+        return batch
+
+
+def stack_images(images: list[np.ndarray], resolution: int) -> torch.Tensor:
+    """(R, R, 3) uint8 crops -> (B, R, R, 3) uint8, in shared memory when inside a worker."""
+    shape = (len(images), resolution, resolution, 3)
+    if get_worker_info() is not None and images:
+        # Stack straight into shared memory: the batch then crosses to the main process
+        # without another copy (what torch's default_collate does for its workers).
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+        image = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    else:
+        image = torch.empty(shape, dtype=torch.uint8)
+    if images:
+        np.stack(images, out=image.numpy())  # (B, R, R, 3) uint8: a quarter of float's bytes
+    return image
+
+
+class ImageSamples(SampleDecoder):
+    """Images decoded and cropped by an ``ImageDecoder``: ``image`` (B, 3, R, R) in [-1, 1]."""
+
+    fields = ("image",)
+
+    def __init__(self, decoder: ImageDecoder):
+        self.decoder = decoder
+
+    def __call__(self, sample, rng):
+        out = self.decoder(sample, rng)
+        return out if isinstance(out, str) else {"image": out}
+
+    def collate(self, fields):
+        return {"image": stack_images(fields["image"], self.decoder.resolution)}
+
+    def finish(self, batch):
+        batch["image"] = to_unit_range(batch["image"])
+        return batch
+
+
 class ShardStream(IterableDataset):
-    """Batches of decoded crops from a list of shards, for one rank.
+    """Batches of decoded samples from a list of shards, for one rank.
+
+    Shards -> tar members (webdataset's ``url_opener`` / ``tar_file_expander`` /
+    ``group_by_keys``) -> [train: ``webdataset.shuffle`` buffer] -> ``decoder`` -> batches
+    ``{**decoder fields, "label", "key", "skipped"}``.
 
     train=True: infinite; each (rank, worker) cycles over its ``partition_shards`` in a fresh
     seeded order every pass (resampling without replacement), through a shuffle buffer.
@@ -103,7 +173,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        decoder: ImageDecoder,
+        decoder: SampleDecoder | ImageDecoder,
         batch_size: int,
         train: bool,
         rank: int = 0,
@@ -112,6 +182,8 @@ class ShardStream(IterableDataset):
         seed: int = 0,
     ):
         super().__init__()
+        if isinstance(decoder, ImageDecoder):
+            decoder = ImageSamples(decoder)
         self.urls, self.decoder, self.batch_size, self.train = urls, decoder, batch_size, train
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -120,15 +192,12 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = _seeded_rng(self.seed, self.rank, worker, self.epoch)
+        rng = _seeded_rng(self.decoder.rng_name, self.seed, self.rank, worker, self.epoch)
         pending = _Pending()
         handler = _ShardHandler(pending)
         if self.train:
-            shards = self._cycle(
-                partition_shards(self.urls, self.rank, self.world_size, worker, num_workers),
-                rng,
-                pending,
-            )
+            mine = partition_shards(self.urls, self.rank, self.world_size, worker, num_workers)
+            shards = self._cycle(mine, rng, pending)
         else:
             shards = ({"url": u} for u in self.urls[worker::num_workers])
         files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
@@ -136,18 +205,21 @@ class ShardStream(IterableDataset):
         if not self.train:
             samples = self._this_rank(samples)
         elif self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, 100, rng=rng)
+            samples = wds.shuffle(self.shuffle_buffer, 100, rng=rng)(samples)
         yield from self._batches(samples, pending, rng if self.train else None)
 
     def _cycle(self, urls: list[str], rng: random.Random, pending: _Pending):
         while True:
-            good_before = pending.good
+            before = (pending.good, pending.failures)
             order = list(urls)
             rng.shuffle(order)
             for url in order:
                 yield {"url": url}
-            if pending.good == good_before and pending.counts[SHARD_REASON] >= len(urls):
-                raise RuntimeError(f"none of these training shards could be read: {urls}")
+            # A whole pass of unreadable shards would otherwise spin forever.
+            if pending.good == before[0] and pending.failures - before[1] >= len(urls):
+                raise RuntimeError(
+                    f"none of these {self.decoder.shards} shards could be read: {urls}"
+                )
 
     def _this_rank(self, samples):
         index = {url: i for i, url in enumerate(self.urls)}
@@ -161,40 +233,32 @@ class ShardStream(IterableDataset):
             j += 1
 
     def _batches(self, samples, pending: _Pending, rng: random.Random | None):
-        images, labels, keys = [], [], []
+        fields = {name: [] for name in self.decoder.fields}
+        labels, keys = [], []
         for sample in samples:
             out = self.decoder(sample, rng)
             if isinstance(out, str):
                 pending.counts[out] += 1
                 # No good sample for a whole batch's worth of skips: report them anyway.
-                if sum(pending.counts[r] for r in SKIP_REASONS) >= self.batch_size and not images:
-                    yield self._collate([], [], [], pending.take())
+                if sum(pending.counts[r] for r in SKIP_REASONS) >= self.batch_size and not keys:
+                    yield self._collate({n: [] for n in fields}, [], [], pending.take())
                 continue
             pending.good += 1
-            images.append(out)
+            for name, value in out.items():
+                fields[name].append(value)
             labels.append(parse_label(sample))
             keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield self._collate(images, labels, keys, pending.take())
-                images, labels, keys = [], [], []
+            if len(keys) == self.batch_size:
+                yield self._collate(fields, labels, keys, pending.take())
+                fields = {name: [] for name in self.decoder.fields}
+                labels, keys = [], []
         # Finite (validation) streams: the last partial batch, and any skips after it.
-        if images or pending.counts:
-            yield self._collate(images, labels, keys, pending.take())
+        if keys or pending.counts:
+            yield self._collate(fields, labels, keys, pending.take())
 
-    def _collate(self, images, labels, keys, skipped) -> dict:
-        res = self.decoder.resolution
-        shape = (len(images), res, res, 3)
-        if get_worker_info() is not None and images:
-            # Stack straight into shared memory: the batch then crosses to the main process
-            # without another copy (what torch's default_collate does for its workers).
-            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-            image = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-        else:
-            image = torch.empty(shape, dtype=torch.uint8)
-        if images:
-            np.stack(images, out=image.numpy())  # (B, R, R, 3) uint8: a quarter of float's bytes
+    def _collate(self, fields, labels, keys, skipped) -> dict:
         return {
-            "image": image,
+            **self.decoder.collate(fields),
             "label": torch.tensor(labels, dtype=torch.long),
             "key": keys,
             "skipped": skipped,
@@ -256,8 +320,9 @@ class StreamLoader(wds.WebLoader):
             stream,
             batch_size=None,
             num_workers=num_workers,
-            # Not pinned: the uint8 -> float conversion below would leave the pinned copy unused.
-            pin_memory=False,
+            # Images are not pinned: the uint8 -> float conversion in ``finish`` would leave the
+            # pinned copy unused.
+            pin_memory=stream.decoder.pin_memory,
             persistent_workers=False,
         )
         # ``dataset`` tells Lightning this is an iterable-style loader (no sampler to replace).
@@ -294,8 +359,7 @@ class StreamLoader(wds.WebLoader):
             self.stats.good += len(batch["key"])
             self._check()
             if batch["key"]:
-                batch["image"] = to_unit_range(batch["image"])
-                yield batch
+                yield self.stream.decoder.finish(batch)
 
     def _check(self):
         stats = self.stats
