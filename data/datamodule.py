@@ -31,8 +31,9 @@ least ranks x workers of them (else disjoint per rank, else all), cycles over it
 freshly shuffled order each pass, and the loader cuts ``batches_per_epoch`` batches per epoch, so
 every rank steps the same number of times (uneven counts hang DDP). Validation: read once, in
 order; each sample goes to exactly one rank (no padding, no duplicates), so ranks may differ by a
-batch: avoid per-step collectives (``sync_dist=True``) in validation_step. Every rank reads all
-validation shards but decodes only its own samples.
+batch or more: avoid per-step collectives (``sync_dist=True``) in validation_step. With at least
+as many validation shards as ranks, each rank opens only its own shards (rank r: shards r,
+r + world_size, ...); with fewer, every rank reads every shard and decodes only its own samples.
 
 Bad data never stops training: samples are skipped and counted by reason (``missing_image``,
 ``empty``, ``corrupt``, ``too_small``, ``too_large``; shards that cannot be read are named in a

@@ -165,9 +165,11 @@ class ShardStream(IterableDataset):
 
     train=True: infinite; each (rank, worker) cycles over its ``partition_shards`` in a fresh
     seeded order every pass (resampling without replacement), through a shuffle buffer.
-    train=False: one pass in order; workers of a rank take whole shards, and ranks split the
-    samples of every shard: sample j of shard s belongs to rank (s + j) % world_size, so each
-    sample is read by exactly one rank and rank loads differ by at most about one sample per shard.
+    train=False: one pass in order, each sample read by exactly one rank. With at least as many
+    shards as ranks, rank r reads shards r, r + world_size, ... and opens no other (its I/O is
+    its share; loads differ by up to one shard's samples); with fewer, every rank reads every
+    shard and ranks split the samples: sample j of shard s belongs to rank (s + j) % world_size.
+    Workers of a rank take whole shards of the rank's list.
     """
 
     def __init__(
@@ -199,10 +201,10 @@ class ShardStream(IterableDataset):
             mine = partition_shards(self.urls, self.rank, self.world_size, worker, num_workers)
             shards = self._cycle(mine, rng, pending)
         else:
-            shards = ({"url": u} for u in self.urls[worker::num_workers])
+            shards = ({"url": u} for u in self._val_shards()[worker::num_workers])
         files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
         samples = group_by_keys(files, handler=handler)
-        if not self.train:
+        if not self.train and not self.split_by_shard:
             samples = self._this_rank(samples)
         elif self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, 100, rng=rng)(samples)
@@ -220,6 +222,14 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(
                     f"none of these {self.decoder.shards} shards could be read: {urls}"
                 )
+
+    @property
+    def split_by_shard(self) -> bool:
+        """Validation: whole shards per rank when every rank gets at least one."""
+        return len(self.urls) >= self.world_size
+
+    def _val_shards(self) -> list[str]:
+        return self.urls[self.rank :: self.world_size] if self.split_by_shard else self.urls
 
     def _this_rank(self, samples):
         index = {url: i for i, url in enumerate(self.urls)}

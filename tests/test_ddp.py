@@ -47,6 +47,11 @@ def _check_audits(run_dir, world: int) -> None:
     assert not set.intersection(*train)
     val = [k for a in audits for k in a["val_keys"]]
     assert len(val) == len(set(val)) == num_samples("val")
+    # 4 validation shards of 64 samples (keys numbered through the split) for 2 ranks: rank r
+    # reads whole shards r and r + 2, and no other.
+    for a in audits:
+        shards = {int(k.rsplit("_", 1)[1]) // 64 for k in a["val_keys"]}
+        assert shards == {a["rank"], a["rank"] + 2}
 
 
 def _torchrun(args, extra, timeout=600):
