@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from vistok.common.results import ResultsJSON
+from vistok.common.resume import RngState
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -179,6 +180,7 @@ class VistokCLI(LightningCLI):
         if config["logger"]:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(ResultsJSON(run_dir / "results.json"))
+        callbacks.append(RngState())  # exact resume: the generators travel in the checkpoint
         return super()._instantiate_trainer(config, callbacks)
 
     def save_config(self) -> Path:

@@ -35,6 +35,12 @@ batch or more: avoid per-step collectives (``sync_dist=True``) in validation_ste
 as many validation shards as ranks, each rank opens only its own shards (rank r: shards r,
 r + world_size, ...); with fewer, every rank reads every shard and decodes only its own samples.
 
+Resume: ``--ckpt_path`` continues the training stream exactly where the checkpoint left it (the
+same next batch, mid-epoch too, on every rank): the loader's position is saved in the checkpoint
+(``StreamLoader.state_dict``) and the workers pass over the samples already used without
+decoding them. It needs the same ``seed``, ``num_workers``, ``batches_per_epoch`` and number of
+ranks; with others the epoch starts a fresh pass, with a warning.
+
 Bad data never stops training: samples are skipped and counted by reason (``missing_image``,
 ``empty``, ``corrupt``, ``too_small``, ``too_large``; shards that cannot be read are named in a
 warning and counted as ``unreadable_shard``). ``SkipCountLogger`` (added to the Trainer by
@@ -131,6 +137,7 @@ class StreamDataModule(pl.LightningDataModule):
             self.bad_fraction_min_samples,
             self.batches_per_epoch,
             epoch_source=self._trainer_epoch,
+            consumed_source=self._trainer_batches,
         )
 
     def val_dataloader(self, rank: int | None = None, world_size: int | None = None):
@@ -157,6 +164,12 @@ class StreamDataModule(pl.LightningDataModule):
     # -- internals --------------------------------------------------------------------------
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
+
+    def _trainer_batches(self) -> int | None:
+        """Training batches the Trainer has used in this epoch (it fetches one ahead)."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _dist(self, rank: int | None, world_size: int | None) -> tuple[int, int]:
         if rank is not None and world_size is not None:

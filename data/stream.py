@@ -18,13 +18,16 @@ become float in [-1, 1] there).
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
@@ -101,7 +104,8 @@ class SampleDecoder:
 
     ``__call__`` (in the worker) turns one WebDataset sample (a dict of raw bytes) into its
     fields, a dict of numpy arrays, or returns a skip reason (one of ``SKIP_REASONS``); ``rng`` is
-    the stream's generator in training and None in validation. ``collate`` (in the worker)
+    the sample's own generator in training (seeded by the stream and the sample's position in
+    it) and None in validation. ``collate`` (in the worker)
     stacks a batch's fields into tensors and must accept empty lists (count-only batches);
     ``finish`` (in the main process) turns a kept batch into what the model receives.
     """
@@ -189,12 +193,28 @@ class ShardStream(IterableDataset):
         self.urls, self.decoder, self.batch_size, self.train = urls, decoder, batch_size, train
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.epoch = 0  # set by StreamLoader before each pass (workers get a fresh copy)
+        # Set by StreamLoader before each pass (workers get a fresh copy): the epoch, and for the
+        # first pass after a resume where each worker's stream continues (see ``StreamLoader``).
+        self.epoch = 0
+        self.resume: dict | None = None
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = _seeded_rng(self.decoder.rng_name, self.seed, self.rank, worker, self.epoch)
+        skip = 0
+        if self.resume is not None:
+            # DataLoader asks its workers for batches round-robin from worker 0: rotating the
+            # streams makes worker 0 play the stream whose batch comes next.
+            worker = (worker + self.resume["rotation"]) % num_workers
+            skip = self.resume["positions"][worker]
+        name = self.decoder.rng_name
+        # Two generators, both functions of (seed, rank, worker, epoch) only: ``rng`` orders the
+        # shards and drives the shuffle buffer, ``decode_seed`` seeds each sample's own generator
+        # (crops, flips, views). Neither depends on what a sample holds, so a resumed stream can
+        # pass over the samples already used without decoding them and land on the same state.
+        rng = _seeded_rng(name, self.seed, self.rank, worker, self.epoch)
+        decode_seed = _seeded_rng(name, "decode", self.seed, self.rank, worker, self.epoch)
+        decode_seed = decode_seed.getrandbits(62) if self.train else None
         pending = _Pending()
         handler = _ShardHandler(pending)
         if self.train:
@@ -208,7 +228,7 @@ class ShardStream(IterableDataset):
             samples = self._this_rank(samples)
         elif self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, 100, rng=rng)(samples)
-        yield from self._batches(samples, pending, rng if self.train else None)
+        yield from self._batches(samples, pending, decode_seed, skip)
 
     def _cycle(self, urls: list[str], rng: random.Random, pending: _Pending):
         while True:
@@ -242,16 +262,25 @@ class ShardStream(IterableDataset):
                 yield sample
             j += 1
 
-    def _batches(self, samples, pending: _Pending, rng: random.Random | None):
+    def _batches(self, samples, pending: _Pending, decode_seed: int | None, skip: int = 0):
+        """``skip``: samples (of the shuffled stream) that earlier batches used, passed over
+        without decoding. Every batch carries ``position``, the samples used up to it."""
         fields = {name: [] for name in self.decoder.fields}
         labels, keys = [], []
-        for sample in samples:
+        for position, sample in enumerate(samples, 1):
+            if position <= skip:
+                pending.good += 1  # it was read: the shards are not all unreadable
+                if position == skip:
+                    pending.take()  # already counted by the batches before the resume
+                continue
+            rng = None if decode_seed is None else random.Random(decode_seed + position)
             out = self.decoder(sample, rng)
             if isinstance(out, str):
                 pending.counts[out] += 1
                 # No good sample for a whole batch's worth of skips: report them anyway.
                 if sum(pending.counts[r] for r in SKIP_REASONS) >= self.batch_size and not keys:
-                    yield self._collate({n: [] for n in fields}, [], [], pending.take())
+                    empty = {n: [] for n in fields}
+                    yield self._collate(empty, [], [], pending.take(), position)
                 continue
             pending.good += 1
             for name, value in out.items():
@@ -259,19 +288,20 @@ class ShardStream(IterableDataset):
             labels.append(parse_label(sample))
             keys.append(sample["__key__"])
             if len(keys) == self.batch_size:
-                yield self._collate(fields, labels, keys, pending.take())
+                yield self._collate(fields, labels, keys, pending.take(), position)
                 fields = {name: [] for name in self.decoder.fields}
                 labels, keys = [], []
         # Finite (validation) streams: the last partial batch, and any skips after it.
         if keys or pending.counts:
-            yield self._collate(fields, labels, keys, pending.take())
+            yield self._collate(fields, labels, keys, pending.take(), -1)
 
-    def _collate(self, fields, labels, keys, skipped) -> dict:
+    def _collate(self, fields, labels, keys, skipped, position: int) -> dict:
         return {
             **self.decoder.collate(fields),
             "label": torch.tensor(labels, dtype=torch.long),
             "key": keys,
             "skipped": skipped,
+            "position": position,
         }
 
 
@@ -314,6 +344,16 @@ class StreamLoader(wds.WebLoader):
     iterators it never consumes, and prefetches before announcing the epoch): from
     ``epoch_source`` (the DataModule passes the Trainer's ``current_epoch``, right after a resume
     too), else the number of passes started so far.
+
+    Exact resume (``state_dict`` / ``load_state_dict``, which Lightning calls for a training
+    loader that has them, saving the result in the checkpoint's loop state): each worker's stream
+    is a function of (seed, rank, worker, epoch), so where training stands is the epoch, the
+    batches used in it, which worker's batch comes next, and how many samples of its stream
+    each worker has used (every batch carries that count). ``consumed_source`` tells how many
+    batches of this pass training has used (Lightning fetches one ahead). The first pass after
+    ``load_state_dict`` continues that epoch: its workers pass over their used samples without
+    decoding them and it ends after the epoch's remaining batches. The skip counts are restored
+    too. Under DDP every rank's position is gathered into the state (all ranks save together).
     """
 
     def __init__(
@@ -325,6 +365,7 @@ class StreamLoader(wds.WebLoader):
         min_samples: int,
         batches_per_epoch: int | None = None,
         epoch_source: Callable[[], int | None] | None = None,
+        consumed_source: Callable[[], int | None] | None = None,
     ):
         super().__init__(
             stream,
@@ -334,19 +375,23 @@ class StreamLoader(wds.WebLoader):
             # pinned copy unused.
             pin_memory=stream.decoder.pin_memory,
             persistent_workers=False,
+            # DataLoader draws a seed for its workers at every pass: from its own generator,
+            # so that starting a pass (or resuming) leaves torch's global RNG alone. The
+            # streams seed themselves.
+            generator=torch.Generator(),
         )
         # ``dataset`` tells Lightning this is an iterable-style loader (no sampler to replace).
         self.stream = self.dataset = stream
         self.stats = stats
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.batches_per_epoch = batches_per_epoch
-        self.epoch_source = epoch_source
+        self.epoch_source, self.consumed_source = epoch_source, consumed_source
+        self.num_workers = num_workers
         self._passes = 0
+        self._resume: dict | None = None  # loaded, applied by the next pass
+        self._pass: dict | None = None  # where the current pass stands
+        self._snapshots: dict[int, dict] = {}  # batches used in this pass -> position after them
         self.append(self._account)
-        if batches_per_epoch is not None:
-            # Counted here, on the loader, after count-only batches are gone: every rank then
-            # yields exactly this many batches per epoch, whatever its workers' shard counts.
-            self.with_epoch(batches_per_epoch)
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -356,20 +401,106 @@ class StreamLoader(wds.WebLoader):
     def __iter__(self):
         # A generator: nothing below runs until the first batch is requested.
         epoch = self.epoch_source() if self.epoch_source is not None else None
-        self.stream.epoch = self._passes if epoch is None else epoch
+        epoch = self._passes if epoch is None else epoch
         self._passes += 1
         if not self.stream.train:
             self.stats.reset()  # one validation pass = one count
-        yield from super().__iter__()
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] != epoch:
+            resume = None  # the checkpoint was taken at the end of its epoch: start the next
+        workers = max(self.num_workers, 1)
+        self.stream.epoch = epoch
+        self.stream.resume = resume
+        self._pass = {
+            "epoch": epoch,
+            "batches": resume["batches"] if resume else 0,
+            "rotation": resume["rotation"] if resume else 0,
+            "positions": list(resume["positions"]) if resume else [0] * workers,
+        }
+        self._snapshots = {self._pass["batches"]: self._snapshot()}
+        batches = super().__iter__()
+        if self.batches_per_epoch is not None:
+            # Counted here, after count-only batches are gone: every rank then yields exactly
+            # this many batches per epoch, whatever its workers' shard counts.
+            batches = islice(batches, max(self.batches_per_epoch - self._pass["batches"], 0))
+        yield from batches
 
     def _account(self, batches):
+        workers = max(self.num_workers, 1)
         for batch in batches:
+            state = self._pass
+            # Workers deliver round-robin: this batch came from the stream ``rotation`` names.
+            state["positions"][state["rotation"]] = batch.pop("position")
+            state["rotation"] = (state["rotation"] + 1) % workers
             for reason, n in batch.pop("skipped").items():
                 self.stats.skipped[reason] += n
             self.stats.good += len(batch["key"])
             self._check()
             if batch["key"]:
+                state["batches"] += 1
+                self._snapshots[state["batches"]] = self._snapshot()
+                self._snapshots.pop(state["batches"] - 4, None)  # training is never that far
                 yield self.stream.decoder.finish(batch)
+
+    def _snapshot(self) -> dict:
+        return {
+            **copy.deepcopy(self._pass),
+            "good": self.stats.good,
+            "skipped": dict(self.stats.skipped),
+        }
+
+    # -- resume -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where this rank's (and, under DDP, every rank's) stream stands after the batches
+        training has used; see the class docstring."""
+        mine = None
+        if self._pass is not None:
+            used = self.consumed_source() if self.consumed_source is not None else None
+            used = max(self._snapshots) if used is None else used
+            mine = self._snapshots.get(used)
+            if mine is None and used != 0:  # 0: the next pass has not started, nothing to skip
+                raise RuntimeError(
+                    f"training has used {used} batches of this pass, but the stream only knows "
+                    f"the positions after {sorted(self._snapshots)}"
+                )
+        stream = self.stream
+        states = [None] * stream.world_size
+        if dist.is_available() and dist.is_initialized() and stream.world_size > 1:
+            dist.all_gather_object(states, mine)
+        else:
+            states[stream.rank] = mine
+        return {
+            "format": "vistok-stream-v1",
+            "seed": stream.seed,
+            "world_size": stream.world_size,
+            "num_workers": self.num_workers,
+            "batches_per_epoch": self.batches_per_epoch,
+            "ranks": states,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        stream = self.stream
+        here = {
+            "seed": stream.seed,
+            "world_size": stream.world_size,
+            "num_workers": self.num_workers,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
+        changed = [f"{k} {state.get(k)} -> {v}" for k, v in here.items() if state.get(k) != v]
+        if state.get("format") != "vistok-stream-v1" or changed:
+            warnings.warn(
+                f"the training stream cannot continue exactly where the checkpoint left it "
+                f"({', '.join(changed) or 'unknown stream state'}): it starts a fresh pass of "
+                "the current epoch",
+                stacklevel=2,
+            )
+            return
+        mine = state["ranks"][stream.rank]
+        if mine is None:
+            return
+        self._resume = mine
+        self.stats.good = mine["good"]
+        self.stats.skipped = Counter(mine["skipped"])
 
     def _check(self):
         stats = self.stats
