@@ -224,8 +224,9 @@ class ShardStream(IterableDataset):
             shards = ({"url": u} for u in self._val_shards()[worker::num_workers])
         files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
         samples = group_by_keys(files, handler=handler)
-        if not self.train and not self.split_by_shard:
-            samples = self._this_rank(samples)
+        if not self.train:
+            if not self.split_by_shard:
+                samples = self._this_rank(samples)
         elif self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, 100, rng=rng)(samples)
         yield from self._batches(samples, pending, decode_seed, skip)
