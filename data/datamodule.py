@@ -66,6 +66,12 @@ from vistok.data.stream import (
 )
 
 
+def check_count(option: str, value, least: int) -> None:
+    """Size and count options are integers of at least ``least``; the error names the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"--data.{option} must be an integer >= {least}, got {value!r}")
+
+
 class StreamDataModule(pl.LightningDataModule):
     """What every vistok DataModule shares: a training stream cut into ``batches_per_epoch``
     batches per rank and a read-once validation stream, both ``ShardStream``s whose decoders the
@@ -89,10 +95,17 @@ class StreamDataModule(pl.LightningDataModule):
         seed: int,
     ):
         super().__init__()
-        if batch_size < 1 or batches_per_epoch < 1:
-            raise ValueError("resolution, batch_size and batches_per_epoch must be >= 1")
+        check_count("batch_size", batch_size, 1)
+        if val_batch_size is not None:
+            check_count("val_batch_size", val_batch_size, 1)
+        check_count("num_workers", num_workers, 0)
+        check_count("shuffle_buffer", shuffle_buffer, 0)
+        check_count("batches_per_epoch", batches_per_epoch, 1)
+        check_count("bad_fraction_min_samples", bad_fraction_min_samples, 0)
         if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+            raise ValueError(
+                f"--data.max_bad_fraction must be in [0, 1] (a fraction), got {max_bad_fraction}"
+            )
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
@@ -204,8 +217,8 @@ class ImageDataModule(StreamDataModule):
         seed: int = 0,
     ):
         """See the module docstring for what each argument does."""
-        if resolution < 1:
-            raise ValueError("resolution, batch_size and batches_per_epoch must be >= 1")
+        check_count("resolution", resolution, 1)
+        check_count("max_pixels", max_pixels, 1)
         super().__init__(
             batch_size,
             val_batch_size,

@@ -82,21 +82,81 @@ class _Pending:
         return counts
 
 
+# Compressed tar streams (gzip, bzip2, xz, zstd) end in their own trailer, not in zero blocks.
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+class _EndCheck:
+    """A shard's byte stream, watched for an archive that stops between two members.
+
+    tarfile reads such a truncated archive as if it had ended there; a complete one ends in
+    zero blocks (and tarfile stops reading at the first), so reaching the end of the data with
+    anything but zeros just before it means the rest of the shard is missing."""
+
+    def __init__(self, stream, on_truncated: Callable[[], None]):
+        self.stream, self.on_truncated = stream, on_truncated
+        self.tail, self.check = b"", None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if self.check is None and data:
+            self.check = not data.startswith(_COMPRESSED)
+        if data:
+            self.tail = (self.tail + data)[-512:]
+        elif n != 0 and self.check and self.tail.strip(b"\0"):
+            self.check = False  # report once
+            self.on_truncated()
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class _ShardHandler:
-    """webdataset exception handler: warn with the shard's name, count it, keep going."""
+    """webdataset exception handler: warn with the shard's name, count it once, keep going.
+
+    ``opening`` and ``watch`` wrap the stages before and after ``url_opener`` so that the
+    handler knows which shard is being read: webdataset reports a broken archive from two
+    levels (and the inner report does not name the shard), and a shard cut between members
+    raises nothing at all."""
 
     def __init__(self, pending: _Pending):
         self.pending = pending
+        self.url: str | None = None  # the shard being opened or read
+        self.counted = False  # whether that shard has been counted (once per opening)
+
+    def opening(self, shards):
+        for shard in shards:
+            self.url, self.counted = shard["url"], False
+            yield shard
+
+    def watch(self, streams):
+        for source in streams:
+            source["stream"] = _EndCheck(source["stream"], self._truncated)
+            yield source
+
+    def _truncated(self) -> None:
+        self.report(
+            self.url,
+            "the archive stops between two members (truncated): the samples after the break "
+            "are lost and, tar shards carrying no count, how many is unknown",
+        )
 
     def __call__(self, exn: Exception) -> bool:
         # webdataset appends the url (and the open stream) to the exception's args.
         url = next((a for a in reversed(exn.args[1:]) if isinstance(a, str)), None)
         cause = exn.args[0] if exn.args else ""
+        self.report(url or self.url, f"{type(exn).__name__}: {cause}")
+        return True
+
+    def report(self, url: str | None, why: str) -> None:
+        if self.counted:
+            return
+        self.counted = True
         where = f"shard {url}" if url else "shard data"
-        warnings.warn(f"skipping unreadable {where}: {type(exn).__name__}: {cause}", stacklevel=2)
+        warnings.warn(f"skipping unreadable {where}: {why}", stacklevel=3)
         self.pending.counts[SHARD_REASON] += 1
         self.pending.failures += 1
-        return True
 
 
 class SampleDecoder:
@@ -222,7 +282,8 @@ class ShardStream(IterableDataset):
             shards = self._cycle(mine, rng, pending)
         else:
             shards = ({"url": u} for u in self._val_shards()[worker::num_workers])
-        files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
+        streams = url_opener(handler.opening(shards), handler=handler)
+        files = tar_file_expander(handler.watch(streams), handler=handler)
         samples = group_by_keys(files, handler=handler)
         if not self.train:
             if not self.split_by_shard:
