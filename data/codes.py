@@ -246,16 +246,7 @@ class CodeDataModule(StreamDataModule):
         bad_fraction_min_samples: int = 1000,
         seed: int = 0,
     ):
-        super().__init__(
-            batch_size,
-            val_batch_size,
-            num_workers,
-            shuffle_buffer,
-            batches_per_epoch,
-            max_bad_fraction,
-            bad_fraction_min_samples,
-            seed,
-        )
+        super().__init__(**StreamDataModule.options(locals()))
         self.save_hyperparameters()
         self.root = root
         self.meta = read_meta(root)

@@ -50,6 +50,7 @@ warning and counted as ``unreadable_shard``). ``SkipCountLogger`` (added to the 
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Literal
 
@@ -113,6 +114,12 @@ class StreamDataModule(pl.LightningDataModule):
         self.max_bad_fraction = max_bad_fraction
         self.bad_fraction_min_samples = bad_fraction_min_samples
         self.train_stats, self.val_stats = SkipStats("train"), SkipStats("validation")
+
+    @staticmethod
+    def options(values: dict) -> dict:
+        """The shared options out of a subclass constructor's arguments (its ``locals()``)."""
+        names = inspect.signature(StreamDataModule.__init__).parameters
+        return {name: values[name] for name in names if name != "self"}
 
     def train_urls(self) -> list[str]:
         raise NotImplementedError
@@ -219,16 +226,7 @@ class ImageDataModule(StreamDataModule):
         """See the module docstring for what each argument does."""
         check_count("resolution", resolution, 1)
         check_count("max_pixels", max_pixels, 1)
-        super().__init__(
-            batch_size,
-            val_batch_size,
-            num_workers,
-            shuffle_buffer,
-            batches_per_epoch,
-            max_bad_fraction,
-            bad_fraction_min_samples,
-            seed,
-        )
+        super().__init__(**StreamDataModule.options(locals()))
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.resolution = resolution

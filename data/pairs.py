@@ -121,16 +121,7 @@ class PairDataModule(StreamDataModule):
         bad_fraction_min_samples: int = 1000,
         seed: int = 0,
     ):
-        super().__init__(
-            batch_size,
-            val_batch_size,
-            num_workers,
-            shuffle_buffer,
-            batches_per_epoch,
-            max_bad_fraction,
-            bad_fraction_min_samples,
-            seed,
-        )
+        super().__init__(**StreamDataModule.options(locals()))
         self.save_hyperparameters()
         self.meta = read_pairs_meta(pairs)
         self._train_urls = split_urls(pairs, self.meta, train_split)
