@@ -35,6 +35,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from vistok.common.checkpoints import AtomicCheckpointIO, StepCheckpoint, resolve_last
 from vistok.common.loggers import AppendingCSVLogger, TrimResumedLog
 from vistok.common.results import ResultsJSON
+from vistok.common.resume import RngState
 from vistok.common.run_guards import FiniteValidation, Preemption
 from vistok.common.summary import RunSummary, StepProgressBar
 
@@ -256,6 +257,7 @@ class VistokCLI(LightningCLI):
         has_bar = any(isinstance(c, ProgressBar) for c in own)
         if config.get("enable_progress_bar") is not False and not has_bar:
             callbacks.append(StepProgressBar())
+        callbacks.append(RngState())  # exact resume: the generators travel in the checkpoint
         return super()._instantiate_trainer(config, callbacks)
 
     def save_config(self) -> Path:

@@ -12,8 +12,8 @@ generator can refuse codes from another tokenizer; for continuous latents also t
 
 ``CodeDataModule`` batches are dicts: ``codes`` (B, *token_shape[, F]) int64 or, for latents,
 (B, channels, *token_shape) float32 (a random view per sample in training, the first in
-validation), ``label`` (B,) int64, ``key`` list[str]. Streams
-work as in ``vistok.data.stream``: training cycles forever over each (rank, worker)'s shard subset
+validation), ``label`` (B,) int64, ``key`` list[str]. The stream is ``vistok.data.stream``'s
+with the ``CodeSamples`` decoder: training cycles forever over each (rank, worker)'s shard subset
 through a shuffle buffer and the loader cuts ``batches_per_epoch`` batches per epoch on every
 rank; validation reads each sample once on exactly one rank.
 """
@@ -23,21 +23,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
-import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from vistok.data.image_decode import SHARD_REASON, parse_label
-from vistok.data.stream import DataQualityError, SkipStats, partition_shards
+from vistok.data.datamodule import StreamDataModule
+from vistok.data.stream import SampleDecoder, ShardStream
 
 FORMAT = "vistok-codes-v1"
 META = "meta.json"
@@ -118,162 +111,36 @@ def split_urls(root: str | os.PathLike, meta: dict, split: str) -> list[str]:
 # Streams
 
 
-class _Handler:
-    """webdataset exception handler: warn, count the shard, keep going."""
+class CodeSamples(SampleDecoder):
+    """``codes.npy`` samples: ``codes`` (B, *token_shape[, F]) int64, or float32 latents; a
+    random view per sample in training (rng given), the first in validation."""
 
-    def __init__(self, counts: Counter):
-        self.counts, self.failures = counts, 0
+    fields = ("codes",)
+    shards = "code"
+    rng_name = "vistok-codes"
+    pin_memory = torch.cuda.is_available()
 
-    def __call__(self, exn: Exception) -> bool:
-        warnings.warn(f"skipping unreadable code shard: {exn}", stacklevel=2)
-        self.counts[SHARD_REASON] += 1
-        self.failures += 1
-        return True
+    def __call__(self, sample, rng):
+        try:
+            views = decode_codes(sample["codes.npy"])  # (A, *token_shape[, F])
+        except Exception:
+            return "corrupt"
+        return {"codes": views[rng.randrange(len(views)) if rng is not None else 0]}
 
-
-class CodeStream(IterableDataset):
-    """Batches of codes for one rank (see the module docstring)."""
-
-    def __init__(
-        self,
-        urls: list[str],
-        batch_size: int,
-        train: bool,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_buffer: int = 1000,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.urls, self.batch_size, self.train = urls, batch_size, train
-        self.rank, self.world_size = rank, world_size
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.epoch = 0  # set by CodeLoader before each pass
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(f"vistok-codes:{self.seed}:{self.rank}:{worker}:{self.epoch}")
-        counts: Counter = Counter()
-        handler, good = _Handler(counts), [0]
-        if self.train:
-            mine = partition_shards(self.urls, self.rank, self.world_size, worker, num_workers)
-            shards = self._cycle(mine, rng, handler, good)
-        else:
-            shards = ({"url": u} for u in self.urls[worker::num_workers])
-        files = tar_file_expander(url_opener(shards, handler=handler), handler=handler)
-        samples = group_by_keys(files, handler=handler)
-        if self.train and self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, 100, rng=rng)
-        elif not self.train:
-            samples = self._this_rank(samples)
-        codes, labels, keys = [], [], []
-        for sample in samples:
-            try:
-                views = decode_codes(sample["codes.npy"])  # (A, *token_shape[, F])
-            except Exception:
-                counts["corrupt"] += 1
-                continue
-            good[0] += 1
-            codes.append(views[rng.randrange(len(views)) if self.train else 0])
-            labels.append(parse_label(sample))
-            keys.append(sample["__key__"])
-            if len(keys) == self.batch_size:
-                yield self._collate(codes, labels, keys, counts)
-                codes, labels, keys = [], [], []
-        if keys or counts:
-            yield self._collate(codes, labels, keys, counts)
-
-    def _cycle(self, urls: list[str], rng: random.Random, handler: _Handler, good: list[int]):
-        while True:
-            before = (good[0], handler.failures)
-            order = list(urls)
-            rng.shuffle(order)
-            yield from ({"url": u} for u in order)
-            # A whole pass of unreadable shards would otherwise spin forever.
-            if good[0] == before[0] and handler.failures - before[1] >= len(urls):
-                raise RuntimeError(f"none of these code shards could be read: {urls}")
-
-    def _this_rank(self, samples):
-        # Sample j of shard s goes to rank (s + j) % world_size: each sample read exactly once.
-        index = {url: i for i, url in enumerate(self.urls)}
-        current, j = None, 0
-        for sample in samples:
-            url = sample.get("__url__")
-            if url != current:
-                current, j = url, 0
-            if (index.get(url, 0) + j) % self.world_size == self.rank:
-                yield sample
-            j += 1
-
-    @staticmethod
-    def _collate(codes, labels, keys, counts: Counter) -> dict:
-        skipped = dict(counts)
-        counts.clear()
+    def collate(self, fields):
+        codes = fields["codes"]
         stacked = torch.from_numpy(np.stack(codes)) if codes else torch.empty(0)
-        stacked = stacked.float() if stacked.is_floating_point() else stacked.long()
-        return {
-            "codes": stacked,
-            "label": torch.tensor(labels, dtype=torch.long),
-            "key": keys,
-            "skipped": skipped,
-        }
+        return {"codes": stacked.float() if stacked.is_floating_point() else stacked.long()}
 
 
-class CodeLoader(wds.WebLoader):
-    """Loader over a ``CodeStream`` (batching happens in the workers): moves skip counts into
-    ``stats``, drops count-only batches, and cuts ``batches_per_epoch`` batches per pass so that
-    every rank steps equally often. The epoch seeding a pass is read when the pass starts."""
+class CodeStream(ShardStream):
+    """A ``ShardStream`` of extracted codes (``kwargs``: rank, world_size, shuffle_buffer, seed)."""
 
-    def __init__(
-        self,
-        stream: CodeStream,
-        stats: SkipStats,
-        num_workers: int,
-        max_bad_fraction: float,
-        batches_per_epoch: int | None = None,
-        epoch_source=None,
-        min_samples: int = 1000,
-    ):
-        super().__init__(
-            stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available()
-        )
-        self.stream = self.dataset = stream  # ``dataset``: Lightning sees an iterable loader
-        self.stats, self.max_bad_fraction, self.min_samples = stats, max_bad_fraction, min_samples
-        self.batches_per_epoch, self.epoch_source, self._passes = batches_per_epoch, epoch_source, 0
-        self.append(self._account)
-        if batches_per_epoch is not None:
-            self.with_epoch(batches_per_epoch)
-
-    def __len__(self) -> int:
-        if self.batches_per_epoch is None:
-            raise TypeError("a read-once validation stream has no length")
-        return self.batches_per_epoch
-
-    def __iter__(self):
-        epoch = self.epoch_source() if self.epoch_source is not None else None
-        self.stream.epoch = self._passes if epoch is None else epoch
-        self._passes += 1
-        if not self.stream.train:
-            self.stats.reset()
-        yield from super().__iter__()
-
-    def _account(self, batches):
-        for batch in batches:
-            for reason, n in batch.pop("skipped").items():
-                self.stats.skipped[reason] += n
-            self.stats.good += len(batch["key"])
-            s = self.stats
-            if s.good + s.bad >= self.min_samples and s.bad_fraction > self.max_bad_fraction:
-                raise DataQualityError(
-                    f"{s.bad_fraction:.1%} of {s.name} code samples were unreadable "
-                    f"({s.as_dict()}), above max_bad_fraction={self.max_bad_fraction}"
-                )
-            if batch["key"]:
-                yield batch
+    def __init__(self, urls: list[str], batch_size: int, train: bool, **kwargs):
+        super().__init__(urls, CodeSamples(), batch_size, train, **kwargs)
 
 
-class CodeDataModule(pl.LightningDataModule):
+class CodeDataModule(StreamDataModule):
     """Batches of pre-extracted codes for generator training.
 
     Args:
@@ -281,7 +148,8 @@ class CodeDataModule(pl.LightningDataModule):
         train_split / val_split: split names in ``meta.json``; ``val_split=None`` skips validation.
         batch_size / val_batch_size: per device. ``batches_per_epoch``: per rank.
         num_workers: DataLoader workers per device; ``shuffle_buffer``: samples per worker.
-        max_bad_fraction: unreadable samples allowed before training stops with an error.
+        max_bad_fraction: unreadable samples allowed before training stops with an error
+            (checked once ``bad_fraction_min_samples`` samples have been seen).
     """
 
     def __init__(
@@ -295,24 +163,27 @@ class CodeDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 1000,
         batches_per_epoch: int = 1000,
         max_bad_fraction: float = 0.01,
+        bad_fraction_min_samples: int = 1000,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(**StreamDataModule.options(locals()))
         self.save_hyperparameters()
         self.root = root
         self.meta = read_meta(root)
-        self.train_urls = split_urls(root, self.meta, train_split)
-        self.val_urls = split_urls(root, self.meta, val_split) if val_split else None
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        self.batches_per_epoch, self.seed = batches_per_epoch, seed
-        self.max_bad_fraction = max_bad_fraction
-        self.train_stats, self.val_stats = SkipStats("train"), SkipStats("validation")
+        self._train_urls = split_urls(root, self.meta, train_split)
+        self._val_urls = split_urls(root, self.meta, val_split) if val_split else None
+        self.train_decoder = self.val_decoder = CodeSamples()
+
+    def train_urls(self) -> list[str]:
+        return self._train_urls
+
+    def val_urls(self) -> list[str] | None:
+        return self._val_urls
 
     @property
     def val_shards(self) -> str | None:
         """Recorded by results.json next to the validation numbers."""
-        return None if self.val_urls is None else "::".join(self.val_urls)
+        return None if self._val_urls is None else "::".join(self._val_urls)
 
     @property
     def tokenizer(self) -> dict[str, Any]:
@@ -320,36 +191,3 @@ class CodeDataModule(pl.LightningDataModule):
 
     def num_classes(self) -> int:
         return max(s.get("num_classes", 0) for s in self.meta["splits"].values())
-
-    def train_dataloader(self, rank: int | None = None, world_size: int | None = None):
-        rank, world_size = self._dist(rank, world_size)
-        stream = CodeStream(
-            self.train_urls, self.batch_size, True, rank, world_size, self.shuffle_buffer, self.seed
-        )
-        return CodeLoader(
-            stream,
-            self.train_stats,
-            self.num_workers,
-            self.max_bad_fraction,
-            self.batches_per_epoch,
-            epoch_source=self._epoch,
-        )
-
-    def val_dataloader(self, rank: int | None = None, world_size: int | None = None):
-        if self.val_urls is None:
-            return []
-        rank, world_size = self._dist(rank, world_size)
-        stream = CodeStream(self.val_urls, self.val_batch_size, False, rank, world_size)
-        return CodeLoader(stream, self.val_stats, self.num_workers, self.max_bad_fraction)
-
-    def _epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
-
-    def _dist(self, rank: int | None, world_size: int | None) -> tuple[int, int]:
-        if rank is not None and world_size is not None:
-            return rank, world_size
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1

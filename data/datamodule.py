@@ -31,8 +31,15 @@ least ranks x workers of them (else disjoint per rank, else all), cycles over it
 freshly shuffled order each pass, and the loader cuts ``batches_per_epoch`` batches per epoch, so
 every rank steps the same number of times (uneven counts hang DDP). Validation: read once, in
 order; each sample goes to exactly one rank (no padding, no duplicates), so ranks may differ by a
-batch: avoid per-step collectives (``sync_dist=True``) in validation_step. Every rank reads all
-validation shards but decodes only its own samples.
+batch or more: avoid per-step collectives (``sync_dist=True``) in validation_step. With at least
+as many validation shards as ranks, each rank opens only its own shards (rank r: shards r,
+r + world_size, ...); with fewer, every rank reads every shard and decodes only its own samples.
+
+Resume: ``--ckpt_path`` continues the training stream exactly where the checkpoint left it (the
+same next batch, mid-epoch too, on every rank): the loader's position is saved in the checkpoint
+(``StreamLoader.state_dict``) and the workers pass over the samples already used without
+decoding them. It needs the same ``seed``, ``num_workers``, ``batches_per_epoch`` and number of
+ranks; with others the epoch starts a fresh pass, with a warning.
 
 Bad data never stops training: samples are skipped and counted by reason (``missing_image``,
 ``empty``, ``corrupt``, ``too_small``, ``too_large``; shards that cannot be read are named in a
@@ -43,6 +50,7 @@ warning and counted as ``unreadable_shard``). ``SkipCountLogger`` (added to the 
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Literal
 
@@ -51,48 +59,74 @@ import torch
 
 from vistok.data.default_dataset import default_shards
 from vistok.data.image_decode import ImageDecoder
-from vistok.data.stream import ShardStream, SkipStats, StreamLoader, expand_shards
+from vistok.data.stream import (
+    SampleDecoder,
+    ShardStream,
+    SkipStats,
+    StreamLoader,
+    expand_shards,
+)
 
 
-class ImageDataModule(pl.LightningDataModule):
+def check_count(option: str, value, least: int) -> None:
+    """Size and count options are integers of at least ``least``; the error names the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"--data.{option} must be an integer >= {least}, got {value!r}")
+
+
+class StreamDataModule(pl.LightningDataModule):
+    """What every vistok DataModule shares: a training stream cut into ``batches_per_epoch``
+    batches per rank and a read-once validation stream, both ``ShardStream``s whose decoders the
+    subclass supplies (``train_decoder`` / ``val_decoder``), skip accounting, and the rank.
+
+    Subclasses set the decoders and implement ``train_urls`` / ``val_urls`` (None: no
+    validation)."""
+
+    train_decoder: SampleDecoder | ImageDecoder
+    val_decoder: SampleDecoder | ImageDecoder
+
     def __init__(
         self,
-        train_shards: str | None = None,
-        val_shards: str | None = None,
-        resolution: int = 256,
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 4,
-        shuffle_buffer: int = 1000,
-        batches_per_epoch: int = 1000,
-        random_crop: bool = True,
-        hflip: bool = True,
-        small_images: Literal["upscale", "skip"] = "upscale",
-        max_pixels: int = 89_478_485,
-        max_bad_fraction: float = 0.05,
-        bad_fraction_min_samples: int = 1000,
-        seed: int = 0,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        shuffle_buffer: int,
+        batches_per_epoch: int,
+        max_bad_fraction: float,
+        bad_fraction_min_samples: int,
+        seed: int,
     ):
-        """See the module docstring for what each argument does."""
         super().__init__()
-        if resolution < 1 or batch_size < 1 or batches_per_epoch < 1:
-            raise ValueError("resolution, batch_size and batches_per_epoch must be >= 1")
+        check_count("batch_size", batch_size, 1)
+        if val_batch_size is not None:
+            check_count("val_batch_size", val_batch_size, 1)
+        check_count("num_workers", num_workers, 0)
+        check_count("shuffle_buffer", shuffle_buffer, 0)
+        check_count("batches_per_epoch", batches_per_epoch, 1)
+        check_count("bad_fraction_min_samples", bad_fraction_min_samples, 0)
         if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.save_hyperparameters()
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.resolution, self.batch_size = resolution, batch_size
+            raise ValueError(
+                f"--data.max_bad_fraction must be in [0, 1] (a fraction), got {max_bad_fraction}"
+            )
+        self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
         self.batches_per_epoch, self.seed = batches_per_epoch, seed
-        self.max_bad_fraction, self.bad_fraction_min_samples = (
-            max_bad_fraction,
-            bad_fraction_min_samples,
-        )
-        decoder_args = dict(resolution=resolution, small_images=small_images, max_pixels=max_pixels)
-        self.train_decoder = ImageDecoder(random_crop=random_crop, hflip=hflip, **decoder_args)
-        self.val_decoder = ImageDecoder(random_crop=False, hflip=False, **decoder_args)
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_fraction_min_samples = bad_fraction_min_samples
         self.train_stats, self.val_stats = SkipStats("train"), SkipStats("validation")
+
+    @staticmethod
+    def options(values: dict) -> dict:
+        """The shared options out of a subclass constructor's arguments (its ``locals()``)."""
+        names = inspect.signature(StreamDataModule.__init__).parameters
+        return {name: values[name] for name in names if name != "self"}
+
+    def train_urls(self) -> list[str]:
+        raise NotImplementedError
+
+    def val_urls(self) -> list[str] | None:
+        raise NotImplementedError
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -104,7 +138,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self, rank: int | None = None, world_size: int | None = None):
         """``rank`` / ``world_size`` default to the Trainer's (or torch.distributed's)."""
-        urls = self._urls(self.train_shards, "train")
+        urls = self.train_urls()
         rank, world_size = self._dist(rank, world_size)
         stream = ShardStream(
             urls,
@@ -124,10 +158,13 @@ class ImageDataModule(pl.LightningDataModule):
             self.bad_fraction_min_samples,
             self.batches_per_epoch,
             epoch_source=self._trainer_epoch,
+            consumed_source=self._trainer_batches,
         )
 
     def val_dataloader(self, rank: int | None = None, world_size: int | None = None):
-        urls = self._urls(self.val_shards, "val")
+        urls = self.val_urls()
+        if urls is None:
+            return []
         rank, world_size = self._dist(rank, world_size)
         stream = ShardStream(
             urls,
@@ -146,15 +183,14 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     # -- internals --------------------------------------------------------------------------
-    def _urls(self, spec: str | None, split: str) -> list[str]:
-        if spec is None:
-            spec = default_shards(split)
-        urls = expand_shards(spec)
-        # Local paths may use ~; URLs (pipe:, http:, s3: ...) are left as written.
-        return [u if ":" in u.split("/")[0] else os.path.expanduser(u) for u in urls]
-
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
+
+    def _trainer_batches(self) -> int | None:
+        """Training batches the Trainer has used in this epoch (it fetches one ahead)."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _dist(self, rank: int | None, world_size: int | None) -> tuple[int, int]:
         if rank is not None and world_size is not None:
@@ -167,6 +203,50 @@ class ImageDataModule(pl.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+
+class ImageDataModule(StreamDataModule):
+    def __init__(
+        self,
+        train_shards: str | None = None,
+        val_shards: str | None = None,
+        resolution: int = 256,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int = 1000,
+        random_crop: bool = True,
+        hflip: bool = True,
+        small_images: Literal["upscale", "skip"] = "upscale",
+        max_pixels: int = 89_478_485,
+        max_bad_fraction: float = 0.05,
+        bad_fraction_min_samples: int = 1000,
+        seed: int = 0,
+    ):
+        """See the module docstring for what each argument does."""
+        check_count("resolution", resolution, 1)
+        check_count("max_pixels", max_pixels, 1)
+        super().__init__(**StreamDataModule.options(locals()))
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.resolution = resolution
+        decoder_args = dict(resolution=resolution, small_images=small_images, max_pixels=max_pixels)
+        self.train_decoder = ImageDecoder(random_crop=random_crop, hflip=hflip, **decoder_args)
+        self.val_decoder = ImageDecoder(random_crop=False, hflip=False, **decoder_args)
+
+    def train_urls(self) -> list[str]:
+        return self._urls(self.train_shards, "train")
+
+    def val_urls(self) -> list[str]:
+        return self._urls(self.val_shards, "val")
+
+    def _urls(self, spec: str | None, split: str) -> list[str]:
+        if spec is None:
+            spec = default_shards(split)
+        urls = expand_shards(spec)
+        # Local paths may use ~; URLs (pipe:, http:, s3: ...) are left as written.
+        return [u if ":" in u.split("/")[0] else os.path.expanduser(u) for u in urls]
 
 
 class SkipCountLogger(pl.Callback):

@@ -20,7 +20,8 @@ measured kept and changed fractions and whether the split is complete.
 
 ``PairDataModule`` batches are dicts: ``image`` (B, 3, R, R) float in [-1, 1] (never cropped or
 flipped: the codes belong to these exact pixels), ``codes`` (B, *token_shape[, F]) int64,
-``label`` (B,) int64, ``key`` list[str]. Streams behave as in ``vistok.data.stream``.
+``label`` (B,) int64, ``key`` list[str]. The stream is ``vistok.data.stream``'s with the
+``PairSamples`` decoder.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 
 from vistok.data.codes import decode_codes, read_meta
-from vistok.data.datamodule import SkipCountLogger
-from vistok.data.image_decode import SKIP_REASONS, ImageDecoder, parse_label
-from vistok.data.stream import ShardStream, SkipStats, StreamLoader
+from vistok.data.datamodule import StreamDataModule
+from vistok.data.image_decode import ImageDecoder
+from vistok.data.stream import ImageSamples
 
 FORMAT = "vistok-pairs-v1"
 META = "meta.json"
@@ -68,43 +68,33 @@ def split_urls(root: str | os.PathLike, meta: dict, split: str) -> list[str]:
     return [str(Path(root) / name) for name in info["shards"]]
 
 
-class PairStream(ShardStream):
-    """A ``ShardStream`` whose samples also carry their generated code map."""
+class PairSamples(ImageSamples):
+    """Images (never cropped at random or flipped: the codes belong to these exact pixels) with
+    their generated code map: ``image`` (B, 3, R, R) and ``codes`` (B, *token_shape[, F])."""
 
-    def _batches(self, samples, pending, rng):
-        images, labels, keys, codes = [], [], [], []
-        for sample in samples:
-            out = self.decoder(sample, None)  # no random crop or flip, ever
-            if isinstance(out, str) or "codes.npy" not in sample:
-                pending.counts[out if isinstance(out, str) else "corrupt"] += 1
-                if sum(pending.counts[r] for r in SKIP_REASONS) >= self.batch_size and not images:
-                    yield self._with_codes([], [], [], [], pending.take())
-                continue
-            try:
-                code_map = decode_codes(sample["codes.npy"])
-            except Exception:
-                pending.counts["corrupt"] += 1
-                continue
-            pending.good += 1
-            images.append(out)
-            codes.append(code_map)
-            labels.append(parse_label(sample))
-            keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield self._with_codes(images, codes, labels, keys, pending.take())
-                images, labels, keys, codes = [], [], [], []
-        if images or pending.counts:
-            yield self._with_codes(images, codes, labels, keys, pending.take())
+    fields = ("image", "codes")
 
-    def _with_codes(self, images, codes, labels, keys, skipped) -> dict:
-        batch = self._collate(images, labels, keys, skipped)
+    def __call__(self, sample, rng):
+        out = super().__call__(sample, None)  # no random crop or flip, ever
+        if isinstance(out, str):
+            return out
+        if "codes.npy" not in sample:
+            return "corrupt"
+        try:
+            out["codes"] = decode_codes(sample["codes.npy"])
+        except Exception:
+            return "corrupt"
+        return out
+
+    def collate(self, fields):
+        codes = fields["codes"]
         stacked = torch.from_numpy(np.stack(codes)) if codes else torch.empty(0, dtype=torch.long)
         # Code ids become int64; continuous latents stay float.
-        batch["codes"] = stacked if stacked.is_floating_point() else stacked.long()
-        return batch
+        codes = stacked if stacked.is_floating_point() else stacked.long()
+        return {**super().collate(fields), "codes": codes}
 
 
-class PairDataModule(pl.LightningDataModule):
+class PairDataModule(StreamDataModule):
     """Batches of (real image, generated code map) pairs for decoder post-training.
 
     Args:
@@ -131,18 +121,20 @@ class PairDataModule(pl.LightningDataModule):
         bad_fraction_min_samples: int = 1000,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(**StreamDataModule.options(locals()))
         self.save_hyperparameters()
         self.meta = read_pairs_meta(pairs)
-        self.train_urls = split_urls(pairs, self.meta, train_split)
-        self.val_urls = split_urls(pairs, self.meta, val_split) if val_split else self.train_urls
+        self._train_urls = split_urls(pairs, self.meta, train_split)
+        self._val_urls = split_urls(pairs, self.meta, val_split) if val_split else self._train_urls
         self.resolution = int(self.meta["resolution"])
         self.decoder = ImageDecoder(resolution=self.resolution, random_crop=False, hflip=False)
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
-        self.batches_per_epoch = batches_per_epoch
-        self.max_bad_fraction, self.min_samples = max_bad_fraction, bad_fraction_min_samples
-        self.train_stats, self.val_stats = SkipStats("train"), SkipStats("validation")
+        self.train_decoder = self.val_decoder = PairSamples(self.decoder)
+
+    def train_urls(self) -> list[str]:
+        return self._train_urls
+
+    def val_urls(self) -> list[str]:
+        return self._val_urls
 
     @property
     def tokenizer_identity(self) -> dict[str, Any]:
@@ -152,50 +144,4 @@ class PairDataModule(pl.LightningDataModule):
     @property
     def val_shards(self) -> str:
         """Recorded by results.json next to the validation numbers."""
-        return "::".join(self.val_urls)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.trainer is not None and not any(
-            isinstance(c, SkipCountLogger) for c in self.trainer.callbacks
-        ):
-            self.trainer.callbacks.append(SkipCountLogger())
-
-    def train_dataloader(self, rank: int | None = None, world_size: int | None = None):
-        rank, world_size = self._dist(rank, world_size)
-        stream = PairStream(
-            self.train_urls,
-            self.decoder,
-            self.batch_size,
-            True,
-            rank,
-            world_size,
-            self.shuffle_buffer,
-            self.seed,
-        )
-        return StreamLoader(
-            stream,
-            self.train_stats,
-            self.num_workers,
-            self.max_bad_fraction,
-            self.min_samples,
-            self.batches_per_epoch,
-            epoch_source=lambda: None if self.trainer is None else self.trainer.current_epoch,
-        )
-
-    def val_dataloader(self, rank: int | None = None, world_size: int | None = None):
-        rank, world_size = self._dist(rank, world_size)
-        stream = PairStream(
-            self.val_urls, self.decoder, self.val_batch_size, False, rank, world_size
-        )
-        return StreamLoader(
-            stream, self.val_stats, self.num_workers, self.max_bad_fraction, self.min_samples
-        )
-
-    def _dist(self, rank: int | None, world_size: int | None) -> tuple[int, int]:
-        if rank is not None and world_size is not None:
-            return rank, world_size
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return "::".join(self._val_urls)

@@ -377,7 +377,8 @@ def test_validation_exactly_once_across_ranks(tmp_path, workers):
         per_rank.append([k for b in dm.val_dataloader(rank=rank, world_size=2) for k in b["key"]])
     everything = per_rank[0] + per_rank[1]
     assert len(everything) == 19 and len(set(everything)) == 19
-    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 3  # at most one per shard
+    # Three shards for two ranks: whole shards per rank, loads differ by at most one shard.
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 7
 
 
 def test_pipe_urls_and_brace_patterns(tmp_path):

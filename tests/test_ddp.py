@@ -52,6 +52,11 @@ def _check_audits(run_dir, world: int) -> None:
         sent = a["bytes_per_step"]
         assert sent["gradients"] > 0 and sent.get("buffers/ema", 0) == 0, sent
         assert sent.get("buffers/loss", 0) > 0, sent  # what it does broadcast is counted
+    # 4 validation shards of 64 samples (keys numbered through the split) for 2 ranks: rank r
+    # reads whole shards r and r + 2, and no other.
+    for a in audits:
+        shards = {int(k.rsplit("_", 1)[1]) // 64 for k in a["val_keys"]}
+        assert shards == {a["rank"], a["rank"] + 2}
 
 
 def _torchrun(args, extra, timeout=600):
