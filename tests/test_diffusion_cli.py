@@ -30,8 +30,18 @@ def env(tmp_path, monkeypatch):
     return class_shards(tmp_path, monkeypatch, per_class=8)
 
 
-def train_tokenizer(tmp_path, config: str, shards: str, **extra) -> str:
-    args = {**TINY_CNN, "num_mid_blocks": 1, **extra}
+def train_tokenizer(
+    tmp_path,
+    config: str,
+    shards: str,
+    *cli: str,
+    name: str = "tok",
+    steps: int = 10,
+    nets: dict | None = None,
+    **extra,
+) -> str:
+    """Train through train.py; ``nets`` replaces the tiny CNN sizes, ``cli`` adds arguments."""
+    args = {**(nets if nets is not None else {**TINY_CNN, "num_mid_blocks": 1}), **extra}
     run(
         [
             "train.py",
@@ -46,12 +56,13 @@ def train_tokenizer(tmp_path, config: str, shards: str, **extra) -> str:
             "--trainer.limit_val_batches=1",
             f"--data.init_args.train_shards={shards}",
             f"--data.init_args.val_shards={shards}",
-            "--trainer.max_steps=10",
-            "--trainer.val_check_interval=10",
-            f"--run_dir={tmp_path / 'tok'}",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}",
+            f"--run_dir={tmp_path / name}",
+            *cli,
         ]
     )
-    return str(tmp_path / "tok" / "checkpoints" / "last.ckpt")
+    return str(tmp_path / name / "checkpoints" / "last.ckpt")
 
 
 def extract_splits(tok_ckpt: str, shards: str, out) -> dict:

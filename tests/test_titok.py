@@ -130,4 +130,6 @@ def test_every_parameter_learns_in_training_mode(preset):
     missing = {n for n, p in tok.named_parameters() if p.grad is None or not p.grad.any()}
     # The stand-in for dropped latents only plays when nested dropout drops some.
     unused = set() if tok.nested_dropout != "none" else {"decoder.dropped_token"}
+    if tok.masks_patches:  # MAETok's mask token plays when TokenizerModule draws a patch mask
+        unused.add("encoder.mask_token")
     assert missing == unused

@@ -42,7 +42,12 @@ from vistok.common.hub import CONFIG, load_pretrained, resolve_folder
 # The parts that turn images into codes and codes into latents (encoder, input projection,
 # quantizer with its codebook); the stages after the first keep them frozen (and out of the EMA).
 CODE_PARTS = ("encoder", "proj_in", "quantizer")
-FROZEN_IN_STAGE = {"main": (), "generative_decoder": CODE_PARTS, "post_train": CODE_PARTS}
+FROZEN_IN_STAGE = {
+    "main": (),
+    "generative_decoder": CODE_PARTS,
+    "post_train": CODE_PARTS,
+    "decoder_finetune": CODE_PARTS,  # MAETok stage 2
+}
 SOURCE_KEY = "source_tokenizer"  # where a post-trained tokenizer records its source
 
 

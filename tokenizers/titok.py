@@ -7,6 +7,11 @@
   length. Causal attention among the latents plus nested dropout (keep the first k tokens, replace
   the rest by a learned token; k uniform or a power of two), FSQ codes; any prefix decodes. The
   paper's decoder is a rectified-flow model; here it is the same ViT decoder as TiTok's.
+- MAETok (Chen et al. 2025, https://arxiv.org/abs/2502.03444): a plain autoencoder (identity
+  quantizer, continuous latents) whose encoder trains with mask modeling: ``mask_ratio`` (lo, hi)
+  replaces a random share of the patch tokens by a learned mask token, the share drawn per batch;
+  the auxiliary feature decoders live on the training side (``vistok.tokenizers.mask_modeling``).
+  Paper: rFID 0.48, SiT-XL gFID 1.67 on ImageNet 256 with 128 tokens.
 - 1D binary (Instella-T2I, Wang et al. 2025, https://arxiv.org/abs/2506.21022): 128 latent tokens
   of 64 Bernoulli bits each, for the binary-head AR generator or Bernoulli diffusion.
 
@@ -28,10 +33,11 @@ from vistok.tokenizers.quantizers.base import Quantizer
 from vistok.tokenizers.quantizers.bernoulli import BernoulliQuantizer
 from vistok.tokenizers.quantizers.fsq import FSQ
 from vistok.tokenizers.quantizers.gaussian import DiagonalGaussian
+from vistok.tokenizers.quantizers.identity import Identity
 from vistok.tokenizers.quantizers.vq import VectorQuantizer
 from vistok.tokenizers.tokenizer import Tokenizer, resolve_preset
 
-QuantizerName = Literal["vq", "fsq", "bernoulli", "kl"]
+QuantizerName = Literal["vq", "fsq", "bernoulli", "kl", "identity"]
 NestedDropout = Literal["none", "uniform", "pow2"]
 
 
@@ -78,7 +84,9 @@ def _quantizer(name: QuantizerName, cfg: dict) -> Quantizer:
         return BernoulliQuantizer(bits=cfg["bits"], temperature=cfg["temperature"])
     if name == "kl":
         return DiagonalGaussian(channels=cfg["code_dim"], kl_weight=cfg["kl_weight"])
-    raise ValueError(f"quantizer must be one of vq, fsq, bernoulli, kl; got {name!r}")
+    if name == "identity":
+        return Identity(channels=cfg["code_dim"])
+    raise ValueError(f"quantizer must be one of vq, fsq, bernoulli, kl, identity; got {name!r}")
 
 
 # --- presets (256 px) -------------------------------------------------------------------------
@@ -102,6 +110,10 @@ TOKENIZER_1D_PRESETS: dict[str, dict] = {
         causal_latents=True,
     ),
     "binary_b128": dict(_B, quantizer="bernoulli", bits=64, num_latents=128, temperature=0.1),
+    # MAETok: ViT-B both sides, 128 tokens of 32 plain channels, 40-60% of patches masked.
+    "maetok_b128": dict(
+        _B, quantizer="identity", code_dim=32, num_latents=128, mask_ratio=[0.4, 0.6]
+    ),
 }
 
 _DEFAULTS = dict(
@@ -118,6 +130,7 @@ _DEFAULTS = dict(
     nested_dropout="none",
     causal_latents=False,
     mlp_ratio=4.0,
+    mask_ratio=None,
 )
 
 
@@ -153,6 +166,7 @@ class Tokenizer1D(Tokenizer):
         nested_dropout: NestedDropout | None = None,
         causal_latents: bool | None = None,
         mlp_ratio: float | None = None,
+        mask_ratio: tuple[float, float] | None = None,
     ):
         given = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preset")}
         given.pop("resolution")
@@ -174,7 +188,12 @@ class Tokenizer1D(Tokenizer):
             mlp_ratio=cfg["mlp_ratio"],
         )
         # The encoder emits what the quantizer takes; the decoder embeds the quantized codes.
-        encoder = ViTEncoder(**nets, z_channels=q.in_channels, causal_latents=cfg["causal_latents"])
+        encoder = ViTEncoder(
+            **nets,
+            z_channels=q.in_channels,
+            causal_latents=cfg["causal_latents"],
+            mask_ratio=cfg["mask_ratio"],
+        )
         decoder = ViTDecoder(**nets, z_channels=q.code_space.channels)
         super().__init__(encoder, q, decoder, resolution)
         self.num_latents = cfg["num_latents"]
@@ -187,6 +206,19 @@ class Tokenizer1D(Tokenizer):
     @property
     def prefix_lengths(self) -> list[int]:
         return prefix_lengths(self.num_latents)
+
+    @property
+    def masks_patches(self) -> bool:
+        """Whether the encoder trains with mask modeling (MAETok)."""
+        return self.encoder.mask_ratio is not None
+
+    def sample_patch_mask(self, batch: int, generator=None, device=None) -> Tensor:
+        """A random (B, N) patch mask, True = masked, at the encoder's ``mask_ratio``."""
+        return self.encoder.sample_mask(batch, generator, device)
+
+    def pre_quant(self, images: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        """Images -> what the quantizer takes (B, C_q, K); ``patch_mask`` (B, N) masks patches."""
+        return self.proj_in(self.encoder(images, patch_mask=patch_mask))
 
     def decode(
         self,
@@ -220,4 +252,6 @@ class Tokenizer1D(Tokenizer):
     def describe(self) -> dict:
         info = super().describe()
         info.update(nested_dropout=self.nested_dropout, prefix_lengths=self.prefix_lengths)
+        if self.masks_patches:
+            info["mask_ratio"] = list(self.encoder.mask_ratio)
         return info

@@ -16,6 +16,15 @@ Stages:
   initialised by ``init_from`` (EMA weights by default, ``init_ema``); encoder, projection and
   quantizer stay frozen, which is verified by hashing them (``vistok.tokenizers.checkpoint``) at
   the start, at every checkpoint and at the end; checkpoints record the source tokenizer.
+- ``decoder_finetune``: MAETok stage 2. The pixel decoder is fine-tuned with masking off and the
+  encoder, projection and (identity) quantizer frozen, from the tokenizer in ``init_from`` (EMA
+  weights by default). The frozen parts are hash-checked like in ``post_train`` and the checkpoint
+  records its source, so generators trained on the stage-1 latents accept the fine-tuned decoder.
+
+Mask modeling (MAETok): with a tokenizer whose encoder masks (``masks_patches``), stage ``main``
+draws one patch mask per batch, encodes with it, and, when ``mask_modeling`` is given, adds the
+auxiliary feature losses on exactly those masked patches. The auxiliary decoders belong to this
+module (``mask_modeling.*`` in checkpoints), never to the tokenizer, so they are not exported.
 """
 
 from __future__ import annotations
@@ -47,11 +56,14 @@ from vistok.tokenizers.checkpoint import (
     load_tokenizer_weights,
     verify_codes_unchanged,
 )
+from vistok.tokenizers.mask_modeling import MaskModeling
 from vistok.tokenizers.perturbation import LatentPerturbation
 from vistok.tokenizers.posttrain import load_source, source_config
 from vistok.tokenizers.tokenizer import Tokenizer
 
-Stage = Literal["main", "generative_decoder", "post_train"]
+Stage = Literal["main", "generative_decoder", "post_train", "decoder_finetune"]
+# Stages that start from a trained tokenizer and must keep its codes: lineage and hash checks.
+KEEPS_CODES = ("post_train", "decoder_finetune")
 
 
 class TokenizerModule(pl.LightningModule):
@@ -60,6 +72,7 @@ class TokenizerModule(pl.LightningModule):
         tokenizer: Tokenizer | None = None,
         loss: TokenizerLoss | None = None,
         perturbation: LatentPerturbation | None = None,
+        mask_modeling: MaskModeling | None = None,
         stage: Stage = "main",
         init_from: str | None = None,
         lr: float = 1e-4,
@@ -78,8 +91,11 @@ class TokenizerModule(pl.LightningModule):
         super().__init__()
         # Checkpoints carry configs, not pickled objects: load_from_checkpoint rebuilds from them.
         if tokenizer is None:  # post-training names its tokenizer by checkpoint only
-            if stage != "post_train" or not init_from:
-                raise ValueError("no tokenizer given (stage post_train reads it from init_from)")
+            if stage not in KEEPS_CODES or not init_from:
+                raise ValueError(
+                    "no tokenizer given (stages post_train and decoder_finetune read it from "
+                    "init_from)"
+                )
             tokenizer = source_config(init_from)
         tokenizer = instantiate(tokenizer) if isinstance(tokenizer, dict) else tokenizer
         if loss is None:
@@ -89,18 +105,27 @@ class TokenizerModule(pl.LightningModule):
         loss = instantiate(loss) if isinstance(loss, dict) else loss
         if isinstance(perturbation, dict):
             perturbation = instantiate(perturbation)
+        if isinstance(mask_modeling, dict):
+            mask_modeling = instantiate(mask_modeling)
+        if mask_modeling is not None and stage != "main":
+            raise ValueError(
+                f"mask modeling trains the encoder, which stage {stage!r} freezes: set "
+                "model.init_args.mask_modeling to null"
+            )
         if perturbation is not None and tokenizer.code_space.kind == "continuous":
             raise ValueError("latent perturbation needs discrete codes; this tokenizer has none")
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         hparams.update(tokenizer=tokenizer.config, loss=loss.config, init_from=None)
         hparams["perturbation"] = perturbation.config if perturbation is not None else None
+        hparams["mask_modeling"] = mask_modeling.config if mask_modeling is not None else None
         self.save_hyperparameters(hparams)
         self.automatic_optimization = False
 
         self.tokenizer, self.loss, self.perturbation = tokenizer, loss, perturbation
+        self.mask_modeling = mask_modeling.bind(tokenizer) if mask_modeling is not None else None
         self.stage = stage
-        self.source = None  # post_train: identity of the tokenizer whose codes the data holds
-        if init_from and stage == "post_train":
+        self.source = None  # KEEPS_CODES stages: identity of the tokenizer whose codes they keep
+        if init_from and stage in KEEPS_CODES:
             self.source = load_source(tokenizer, init_from, init_ema)
         elif init_from:
             load_tokenizer_weights(tokenizer, init_from, stage=stage)
@@ -159,17 +184,19 @@ class TokenizerModule(pl.LightningModule):
                 "GAN training does not support fp16 loss scaling; set trainer.precision to "
                 "'bf16-mixed' or '32-true'"
             )
-        if self.stage == "post_train":
+        if self.stage in KEEPS_CODES:
             if self.source is None:
                 raise ValueError(
-                    "post-training starts from a trained tokenizer: set --model.init_from <ckpt>"
+                    f"stage {self.stage} starts from a trained tokenizer: set "
+                    "--model.init_from <ckpt>"
                 )
-            self._check_post_training_data()
-            verify_codes_unchanged(self.tokenizer, self.source, "start of post-training")
+            if self.stage == "post_train":
+                self._check_post_training_data()
+            verify_codes_unchanged(self.tokenizer, self.source, f"start of {self.stage}")
 
     def on_train_end(self) -> None:
         if self.source is not None:
-            verify_codes_unchanged(self.tokenizer, self.source, "end of post-training")
+            verify_codes_unchanged(self.tokenizer, self.source, f"end of {self.stage}")
 
     def _check_post_training_data(self) -> None:
         made_with = getattr(self.trainer.datamodule, "tokenizer_identity", None)
@@ -197,20 +224,31 @@ class TokenizerModule(pl.LightningModule):
         opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
 
         tok = self.tokenizer
+        aux_loss = 0.0
         if self.stage == "post_train":
             # Generated codes through the frozen quantizer; the target is the real image.
             quantized = tok.quantizer.codes_to_latents(batch["codes"])  # (B, C, h, w)
             quant_loss, quant_stats, logs = 0.0, {}, {}
         else:
-            latents = tok.pre_quant(images)  # (B, C_q, h, w)
+            mask = None  # MAETok: one random patch mask per batch, main stage only
+            if self.stage == "main" and getattr(tok, "masks_patches", False):
+                mask = tok.sample_patch_mask(images.shape[0], device=images.device)  # (B, N)
+                latents = tok.pre_quant(images, patch_mask=mask)  # (B, C_q, K)
+            else:
+                latents = tok.pre_quant(images)  # (B, C_q, h, w)
             q = tok.quantizer(latents)
             quantized, quant_loss, quant_stats, logs = q.quantized, q.loss, q.stats, {}
+            if self.mask_modeling is not None and mask is not None:
+                aux_loss, aux_logs = self.mask_modeling(images, quantized, mask)
+                logs.update({f"mask/{k}": v for k, v in aux_logs.items()})
             if self.perturbation is not None:  # after the quantizer losses, before the decoder
-                quantized, logs = self.perturbation(
+                quantized, p_logs = self.perturbation(
                     tok.quantizer, q, latents, step, self.current_epoch, self.global_rank
                 )
+                logs.update(p_logs)
         recon = tok.decode(quantized)
         g_loss, g_logs = self.loss.generator_loss(images, recon, quant_loss, step, tok.last_layer)
+        g_loss = g_loss + aux_loss  # MAETok's auxiliary feature losses (0 without them)
         logs.update(g_logs)
         if not torch.isfinite(g_loss):
             raise FloatingPointError(f"non-finite generator loss at step {step}: {logs}")
@@ -245,6 +283,8 @@ class TokenizerModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        if self.mask_modeling is not None:  # the auxiliary decoders train with the tokenizer
+            params += list(self.mask_modeling.parameters())
         speed = getattr(self, "speed", None) or resolve(hp.get("speed"), self.device)
         fused = speed["fused_optimizer"] and fused_available(params)
         opt_g = torch.optim.Adam(

@@ -6,6 +6,8 @@ decoder runs over [a learned mask token at every patch position, the K latents] 
 image back from the patch positions; attention is full. FlexTok (Bachmann et al. 2025,
 https://arxiv.org/abs/2502.13967) orders the latents with causal attention among them
 (``causal_latents``) and trains with nested dropout, so that any prefix of k tokens decodes.
+MAETok (Chen et al. 2025, https://arxiv.org/abs/2502.03444) trains the encoder with mask modeling
+(``mask_ratio``): a random share of the patch tokens is replaced by a learned mask token.
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ def sincos_2d(grid: int, width: int) -> Tensor:
     return torch.cat([code, code.new_zeros(grid * grid, width - code.shape[1])], 1).float()
 
 
+def sample_patch_mask(
+    batch: int, num_patches: int, ratio: tuple[float, float], generator=None, device=None
+) -> Tensor:
+    """(B, N) bool, True = masked: one ratio r ~ U[lo, hi] for the batch, round(r * N) patches
+    drawn uniformly without replacement for each image."""
+    lo, hi = ratio
+    r = lo + (hi - lo) * torch.rand((), generator=generator).item()
+    count = round(r * num_patches)
+    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)  # (B, N)
+    mask = torch.zeros(batch, num_patches, dtype=torch.bool)
+    mask.scatter_(1, order[:, :count], True)
+    return mask.to(device)
+
+
 def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
     return nn.ModuleList(
         Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)
@@ -87,8 +103,15 @@ class ViTEncoder(Configurable, nn.Module):
         mlp_ratio: float = 4.0,
         causal_latents: bool = False,
         in_channels: int = 3,
+        mask_ratio: tuple[float, float] | None = None,
     ):
         super().__init__()
+        if mask_ratio is not None:
+            lo, hi = mask_ratio
+            if not 0.0 <= lo <= hi < 1.0:
+                raise ValueError(
+                    f"mask_ratio must be (lo, hi) with 0 <= lo <= hi < 1, got {mask_ratio}"
+                )
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
         self.image_size, self.patch_size = image_size, patch_size
@@ -103,13 +126,30 @@ class ViTEncoder(Configurable, nn.Module):
         self.blocks = _blocks(width, depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, z_channels)
+        self.mask_ratio = tuple(mask_ratio) if mask_ratio is not None else None
+        if mask_ratio is not None:  # only then: other encoders keep their state_dict
+            self.mask_token = nn.Parameter(scale * torch.randn(width))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def sample_mask(self, batch: int, generator=None, device=None) -> Tensor:
+        """A random patch mask (B, N) at this encoder's ``mask_ratio`` (see sample_patch_mask)."""
+        if self.mask_ratio is None:
+            raise ValueError("this encoder was built without mask_ratio: it has no mask token")
+        return sample_patch_mask(batch, self.num_patches, self.mask_ratio, generator, device)
+
+    def forward(self, x: Tensor, patch_mask: Tensor | None = None) -> Tensor:
+        """``patch_mask`` (B, N) bool: those patch tokens become the learned mask token (before
+        the position code is added, so a masked token still knows where it is)."""
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             raise ValueError(
                 f"the encoder was built for {self.image_size} px images, got {tuple(x.shape[-2:])}"
             )
-        patches = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
+        patches = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")  # (B, N, D)
+        if patch_mask is not None:
+            if self.mask_ratio is None:
+                raise ValueError("this encoder was built without mask_ratio: it cannot mask")
+            token = self.mask_token.to(patches.dtype)
+            patches = torch.where(patch_mask[..., None], token, patches)
+        patches = patches + self.pos_embed
         latents = self.latents.expand(x.shape[0], -1, -1)  # (B, K, D)
         seq = torch.cat([patches, latents], dim=1)  # (B, N + K, D)
         mask = None  # full attention over [patches, latents], as in TiTok
@@ -125,6 +165,8 @@ class ViTDecoder(Configurable, nn.Module):
 
     ``num_tokens`` (an int or a (B,) tensor) keeps only the first k latents and puts a learned
     mask token in place of the rest (nested dropout at train time, prefix decoding at test time).
+    With ``feature_dim`` set it predicts a feature vector per patch instead of pixels:
+    ``features(z)`` (B, N, feature_dim), MAETok's auxiliary decoders.
     """
 
     def __init__(
@@ -138,6 +180,7 @@ class ViTDecoder(Configurable, nn.Module):
         z_channels: int = 12,
         mlp_ratio: float = 4.0,
         out_channels: int = 3,
+        feature_dim: int | None = None,
     ):
         super().__init__()
         self.image_size, self.patch_size = image_size, patch_size
@@ -152,18 +195,22 @@ class ViTDecoder(Configurable, nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d(self.grid, width))
         self.blocks = _blocks(width, depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, patch_size * patch_size * out_channels)
+        self.head = nn.Linear(width, feature_dim or patch_size * patch_size * out_channels)
 
     @property
     def last_layer(self) -> Tensor:
         return self.head.weight
 
-    def forward(self, z: Tensor, num_tokens: Tensor | int | None = None) -> Tensor:
+    def features(self, z: Tensor, num_tokens: Tensor | int | None = None) -> Tensor:
+        """Latents (B, z_channels, K) -> the head's output at every patch (B, N, head dim)."""
         b = z.shape[0]
         latents = self.embed(rearrange(z, "b c k -> b k c"))  # (B, K, D)
         latents = keep_prefix(latents, self.dropped_token, num_tokens) + self.latent_pos
         patches = (self.mask_token + self.pos_embed).expand(b, -1, -1)  # (B, N, D)
         seq = _run(self.blocks, torch.cat([patches, latents], dim=1), None)  # (B, N + K, D)
-        out = self.head(self.norm(seq[:, : self.num_patches]))  # (B, N, p*p*3)
+        return self.head(self.norm(seq[:, : self.num_patches]))  # (B, N, p*p*3 or feature_dim)
+
+    def forward(self, z: Tensor, num_tokens: Tensor | int | None = None) -> Tensor:
+        out = self.features(z, num_tokens)  # (B, N, p*p*3)
         p = self.patch_size
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid, p=p, q=p)
