@@ -33,6 +33,8 @@ from vistok.common.configurable import instantiate
 from vistok.common.images import save_grid, to_uint8
 from vistok.common.results import code_version
 from vistok.data.codes import TokenizerCheckpoint, file_sha256, read_tokenizer
+from vistok.evaluation.adm import ADMMetrics
+from vistok.evaluation.ref_batch import RefBatchError, reference_metrics
 from vistok.generators.ar import GPT
 from vistok.generators.diffusion import DiffusionSampling
 from vistok.generators.sampling import SamplingConfig, generate
@@ -202,7 +204,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         skipped = fid_unavailable()
         if skipped and args.fid == "on":
             raise SystemExit(f"error: gFID requested but unavailable: {skipped}")
-        if skipped is None:
+        if skipped is None and args.ref_batch:  # ADM's reference: FID, sFID, precision, recall
+            fid, fid_protocol = reference_metrics(
+                args.ref_batch, tokenizer.resolution, device, rank, world
+            )
+        elif skipped is None:
             fid, fid_protocol = make_fid(
                 args.ref_shards, tokenizer.resolution, device, args.ref_count, rank, world
             )
@@ -234,6 +240,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         mine_idx.append(idx.numpy())
         mine_img.append(arr)
     gfid = fid.compute() if fid is not None else None
+    adm = fid.results() if isinstance(fid, ADMMetrics) else None  # every rank: it all-reduces
 
     parts = [(np.concatenate(mine_idx), np.concatenate(mine_img))] if mine_idx else []
     if world > 1:
@@ -254,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         results = {
             "gfid": gfid,
             "gfid_skipped": skipped,
+            "adm_metrics": adm,  # with --ref-batch: sfid, precision, recall, no inception score
             # Forward passes per image and acceptance rate of speculative decoding.
             "speculative": spec_stats.to_dict() if spec is not None else None,
             "protocol": {
@@ -375,9 +383,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ref-shards", help="real images for gFID; default: embedded val split")
     p.add_argument("--ref-count", type=int, help="images in --ref-shards (default: counted)")
+    p.add_argument(
+        "--ref-batch",
+        help="ADM reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) instead of "
+        "--ref-shards: adds sFID, precision and recall",
+    )
     args = p.parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1:
         p.error("--num-images and --batch-size must be >= 1")
+    if args.ref_batch and args.ref_shards:
+        p.error("give --ref-batch or --ref-shards, not both")
     if args.relaxed != "none" and args.speculative == "off":
         p.error("--relaxed is an acceptance rule of --speculative jacobi: add that flag")
     if args.window < 1 or args.lantern_k < 1 or not 0 <= args.lantern_delta <= 1:
@@ -389,5 +404,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     try:
         return run(args)
-    except (TokenizerMismatch, FileNotFoundError) as e:
+    except (TokenizerMismatch, FileNotFoundError, RefBatchError) as e:
         raise SystemExit(f"error: {e}") from e
