@@ -172,7 +172,10 @@ def evaluate(src: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     trainer.validate(_Evaluated(tokenizer), datamodule=data, verbose=False)
     m = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()}
     discrete = tokenizer.code_space.kind != "continuous"
-    curve = {strength_tag(s): m[f"pfid@{strength_tag(s)}"] for s in callback.strengths}
+    curve = None
+    if discrete:  # pFID@0 = rFID
+        curve = {"0": m["rfid"]}
+        curve.update({strength_tag(s): m[f"pfid@{strength_tag(s)}"] for s in callback.strengths})
     batches = []
     for batch in data.val_dataloader(rank=0, world_size=1):
         batches.append(batch["image"])
@@ -180,12 +183,12 @@ def evaluate(src: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
             break
     row = {
         "tokenizer": src,
-        "name": _slug(src),
+        "name": display_name(src),
         **describe_codes(tokenizer, resolution),
         "resolution": resolution,
         "rfid": m["rfid"],
         "pfid": m["pfid"] if discrete else None,
-        "pfid_curve": curve if discrete else None,
+        "pfid_curve": curve,
         "pfid_note": None if discrete else "n/a: continuous latents have no code perturbation",
         "psnr": m["psnr_full"],
         "ssim": m["ssim"],
@@ -197,6 +200,16 @@ def evaluate(src: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "protocol": callback.protocol["reconstruction_eval"],
     }
     return row
+
+
+def display_name(src: str) -> str:
+    """Short table name: a folder's or Hub id's last part; for a checkpoint, its run folder and
+    file (``runs/vq/checkpoints/last.ckpt`` -> ``vq/last``)."""
+    path = Path(src)
+    if path.suffix == ".ckpt":
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return f"{run.name}/{path.stem}"
+    return path.name or str(src)
 
 
 def _slug(text: str) -> str:
@@ -234,7 +247,8 @@ def markdown_table(rows: list[dict[str, Any]], failed: list[dict[str, str]]) -> 
             cells.append("n/a" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     for f in failed:
-        lines.append(f"| {_slug(f['tokenizer'])} | failed: {f['error']} |" + " |" * 13)
+        error = f["error"].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {display_name(f['tokenizer'])} | failed: {error} |" + " |" * 13)
     return "\n".join(lines)
 
 
