@@ -25,20 +25,15 @@ from vistok.evaluation.adm import (
     manifold_radii,
     precision_recall,
 )
-from vistok.evaluation.fid import frechet_distance_torch, mean_cov, to_uint8
+from vistok.evaluation.fid import FID, frechet_distance_torch, mean_cov, to_uint8
 from vistok.evaluation.ref_batch import (
     RefBatchError,
+    fill_pool_reference,
     read_ref_batch,
     reference_metrics,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scripted_features(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +155,12 @@ def test_reference_batch_round_trip_and_stored_statistics(tmp_path):
     for key in ("fid", "sfid"):
         assert stored[key] == pytest.approx(computed[key], rel=1e-3)
     assert (stored["precision"], stored["recall"]) == (computed["precision"], computed["recall"])
+    # The pool-only reference that ReconstructionEval(ref_batch=...) uses: the same FID.
+    for path in (with_stats, images_only):
+        fid = FID(stats_dir=tmp_path)
+        fill_pool_reference(fid, path, 32)
+        fid.update(fake, real=False)
+        assert fid.compute() == pytest.approx(stored["fid"], rel=1e-3)
 
 
 def test_bad_reference_batches_name_the_file(tmp_path):
