@@ -49,6 +49,7 @@ import pytorch_lightning as pl
 import torch
 
 import vistok
+from vistok.data.datamodule import ImageDataModule
 from vistok.evaluation.callbacks import ReconstructionEval
 from vistok.evaluation.pfid import strength_tag
 
@@ -128,8 +129,6 @@ def throughput(tokenizer, batches: list[torch.Tensor]) -> dict[str, float]:
 
 
 def _data(args: argparse.Namespace, resolution: int):
-    from vistok.data.datamodule import ImageDataModule
-
     return ImageDataModule(
         val_shards=args.data,
         resolution=resolution,

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from vistok.data.datamodule import ImageDataModule
 from vistok.evaluation.adm import SPATIAL_DIM, ADMMetrics
 from vistok.evaluation.fid import FID, mean_cov, to_uint8
 
@@ -199,8 +200,6 @@ def write_ref_batch(
 ) -> dict[str, Any]:
     """Write ``num_images`` centre crops of ``shards`` (fewer if the shards hold fewer) as an
     ADM-format npz, with their statistics unless ``with_stats`` is False."""
-    from vistok.data.datamodule import ImageDataModule
-
     data = ImageDataModule(
         val_shards=shards, resolution=resolution, val_batch_size=batch_size, num_workers=0
     )
