@@ -51,6 +51,7 @@ from vistok.data.default_dataset import VERSION
 from vistok.evaluation.fid import FID
 from vistok.evaluation.metrics import PSNR, SSIM, BitBalance, CodebookUsage
 from vistok.evaluation.pfid import reconstruct_with_perturbations, strength_tag
+from vistok.evaluation.ref_batch import fill_pool_reference
 from vistok.losses.perceptual import LPIPS
 
 DEFINITIONS = {
@@ -93,6 +94,10 @@ class ReconstructionEval(pl.Callback):
         dataset_id: names the validation data in the reference cache; default derived from the
             datamodule's ``val_shards``.
         stats_dir: reference-statistics cache; default ``$VISTOK_CACHE/fid_stats``.
+        ref_batch: an ADM-format reference batch (``.npz``, see
+            :mod:`vistok.evaluation.ref_batch`) whose statistics (stored ``mu``/``sigma``, else
+            its images') replace those of the evaluated originals as the rFID/pFID reference,
+            as papers that report rFID against a fixed ImageNet-val npz do. Needs 2048-d FID.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class ReconstructionEval(pl.Callback):
         grid_images: int = 8,
         dataset_id: str | None = None,
         stats_dir: str | None = None,
+        ref_batch: str | None = None,
     ):
         strengths = [0.25, 0.5, 1.0] if pfid_strengths is None else list(pfid_strengths)
         strengths = sorted({float(s) for s in [*strengths, pfid_headline]})
@@ -119,7 +125,7 @@ class ReconstructionEval(pl.Callback):
         self.fid_feature, self.fid_antialias = fid_feature, fid_antialias
         self.strengths, self.headline = strengths, float(pfid_headline)
         self.seed, self.use_lpips, self.grid_images = pfid_seed, lpips, grid_images
-        self.dataset_id, self.stats_dir = dataset_id, stats_dir
+        self.dataset_id, self.stats_dir, self.ref_batch = dataset_id, stats_dir, ref_batch
         self.protocol: dict[str, Any] | None = None  # read by ResultsJSON
         self._last_step = 0
         self._logged: set[str] = set()
@@ -327,12 +333,18 @@ class ReconstructionEval(pl.Callback):
             ref_id = f"{data_id}-first{self.num_images}-{world}ranks-{workers}workers-b{batch}"
         base = FID(self.fid_feature, antialias=self.fid_antialias, stats_dir=self.stats_dir)
         base = base.to(device)
-        hit = base.load_or_compute_real(
-            ref_id,
-            lambda: (im.to(device) for im, _ in self._share(loader, quota, trainer.global_rank)),
-            shape,
-            count,
-        )
+        if self.ref_batch:  # a fixed reference instead of the originals' statistics
+            batch = fill_pool_reference(base, self.ref_batch, shape, trainer.global_rank, world)
+            ref_id, hit = batch["reference_batch"], batch["reference_statistics"]
+        else:
+            hit = base.load_or_compute_real(
+                ref_id,
+                lambda: (
+                    im.to(device) for im, _ in self._share(loader, quota, trainer.global_rank)
+                ),
+                shape,
+                count,
+            )
         # Copies keep the reference and share the network (memo): one Inception in memory.
         names = ["rfid", *(strength_tag(s) for s in self.strengths)]
         memo = {id(base.inception): base.inception}
@@ -364,7 +376,9 @@ class ReconstructionEval(pl.Callback):
             "processes": trainer.world_size,
             "precision": str(trainer.precision),
             "reference": {
-                "what": "Inception statistics of the same original images",
+                "what": f"ADM reference batch {self.ref_batch}"
+                if self.ref_batch
+                else "Inception statistics of the same original images",
                 "id": ref["id"],
                 "stats_key": ref["stats_key"],
                 "from_cache": ref["cached"],

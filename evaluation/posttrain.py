@@ -17,6 +17,9 @@ post-training (up to 256 pairs of the folder's ``val`` split, else ``train``) un
 ``side_by_side.png``: real images, reconstructions before / after, generated code maps decoded
 before / after.
 
+``--ref-batch ADM.npz`` goes to sample.py like its other options: both sides then report FID,
+sFID, precision and recall against that ADM reference batch (``adm_before`` / ``adm_after``).
+
 For large runs, sample each side under torchrun (``sample.py --tokenizer X --out OUT/before``,
 then ``OUT/after``) and combine them with ``--compare-only``.
 """
@@ -57,6 +60,9 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "gfid_after": ga,
         "gfid_change": ga - gb if gb is not None and ga is not None else None,
         "gfid_skipped": before.get("gfid_skipped") or after.get("gfid_skipped"),
+        # sample.py --ref-batch (passed through): sFID, precision, recall of each side
+        "adm_before": before.get("adm_metrics"),
+        "adm_after": after.get("adm_metrics"),
         "tokenizer_before": tok_before,
         "tokenizer_after": tok_after,
         "protocol": {**pa, "code_version": versions},

@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from vistok.common.images import save_grid, to_uint8
 from vistok.common.results import code_version
+from vistok.evaluation.adm import ADMMetrics
+from vistok.evaluation.ref_batch import reference_metrics
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import GeneratorCheckpoint, load_generator
 from vistok.generators.diffusion import DiffusionSampling
@@ -113,6 +115,7 @@ def sample(args: argparse.Namespace) -> dict[str, Any] | None:
     labels = class_labels(args.num_images, gen.model.num_classes, args.classes, args.seed)
     parts, spec_stats = sample_batches(args, sampler, labels, fid, out, rank, world, device)
     gfid = fid.compute() if fid is not None else None
+    adm = fid.results() if isinstance(fid, ADMMetrics) else None  # every rank: it all-reduces
     if world > 1:
         parts, spec_stats = gather(parts, spec_stats, sampler.spec is not None, rank, world)
     results = None
@@ -122,6 +125,7 @@ def sample(args: argparse.Namespace) -> dict[str, Any] | None:
         results = {
             "gfid": gfid,
             "gfid_skipped": skipped,
+            "adm_metrics": adm,  # with --ref-batch: sfid, precision, recall, no inception score
             # Forward passes per image and acceptance rate of speculative decoding.
             "speculative": spec_stats.to_dict() if sampler.spec is not None else None,
             "protocol": protocol(args, sampler, gen, tok, world, fid_protocol),
@@ -170,7 +174,9 @@ def setup_fid(args: argparse.Namespace, resolution: int, device, rank: int, worl
         skipped = fid_unavailable()
         if skipped and args.fid == "on":
             raise SystemExit(f"error: gFID requested but unavailable: {skipped}")
-        if skipped is None:
+        if skipped is None and args.ref_batch:  # ADM's reference: FID, sFID, precision, recall
+            fid, fid_protocol = reference_metrics(args.ref_batch, resolution, device, rank, world)
+        elif skipped is None:
             fid, fid_protocol = make_fid(
                 args.ref_shards, resolution, device, args.ref_count, rank, world
             )

@@ -7,16 +7,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from vistok.evaluation.ref_batch import RefBatchError
 from vistok.generators.inference import DEFAULT_STEPS, sample
 from vistok.generators.sampling import CFG_SCHEDULES
 from vistok.tokenizers.checkpoint import TokenizerMismatch
 
 
 def sample_or_exit(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``sample(args)`` with a wrong or missing tokenizer reported as a command-line error."""
+    """``sample(args)`` with a wrong or missing tokenizer or reference batch reported as a
+    command-line error."""
     try:
         return sample(args)
-    except (TokenizerMismatch, FileNotFoundError) as e:
+    except (TokenizerMismatch, FileNotFoundError, RefBatchError) as e:
         raise SystemExit(f"error: {e}") from e
 
 
@@ -86,7 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ref-shards", help="real images for gFID; default: embedded val split")
     p.add_argument("--ref-count", type=int, help="images in --ref-shards (default: counted)")
+    p.add_argument(
+        "--ref-batch",
+        help="ADM reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz) instead of "
+        "--ref-shards: adds sFID, precision and recall",
+    )
     args = p.parse_args(argv)
+    if args.ref_batch and args.ref_shards:
+        p.error("give --ref-batch or --ref-shards, not both")
     if args.num_images < 1 or args.batch_size < 1:
         p.error("--num-images and --batch-size must be >= 1")
     if args.relaxed != "none" and args.speculative == "off":

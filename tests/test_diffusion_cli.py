@@ -16,6 +16,7 @@ from helpers import class_shards, run
 
 from vistok.common.checkpoints import file_sha256, read_checkpoint
 from vistok.data.codes import CodeDataModule
+from vistok.evaluation.ref_batch import read_ref_batch, write_ref_batch
 from vistok.generators.checkpoint import load_generator
 from vistok.generators.export import export
 from vistok.sample import main as sample_main
@@ -158,6 +159,20 @@ def test_kl_tokenizer_latents_dit_samples_through_the_real_clis(tmp_path, env):
     sample_main(sample_args(str(exported), tmp_path / "from_folder", *extra, "--fid", "off"))
     arr = np.load(out / "samples.npz")["arr_0"]
     assert np.array_equal(np.load(tmp_path / "from_folder" / "samples.npz")["arr_0"], arr)
+
+    # Against an ADM-format reference batch of the same 16 images: the same gFID, plus sFID,
+    # precision and recall; the samples' npz reads as an ADM batch itself.
+    ref = tmp_path / "ref.npz"
+    write_ref_batch(ref, shards, 16, 32)
+    adm = sample_main(sample_args(str(exported), tmp_path / "adm", *extra, "--ref-batch", str(ref)))
+    assert adm["gfid"] == pytest.approx(results["gfid"], rel=1e-3)
+    numbers = adm["adm_metrics"]
+    assert numbers["sfid"] > 0 and 0 <= numbers["precision"] <= 1 and 0 <= numbers["recall"] <= 1
+    assert numbers["inception_score"] is None and adm["protocol"]["fid"]["reference_images"] == 16
+    np.testing.assert_array_equal(read_ref_batch(tmp_path / "adm" / "samples.npz").images, arr)
+    np.savez(tmp_path / "ref16.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit, match="ref16.npz holds 16x16 images, the samples are 32x32"):
+        sample_main(sample_args(gen_ckpt, tmp_path / "bad", "--ref-batch", f"{tmp_path}/ref16.npz"))
 
 
 @pytest.mark.slow
