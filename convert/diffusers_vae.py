@@ -1,0 +1,1 @@
+"""diffusers AutoencoderKL folders -> vistok KL tokenizer (written in the next step)."""
