@@ -66,9 +66,7 @@ def _groups(ckpt: dict, bits: int) -> int:
     if "num_codebooks" in hp:
         return int(hp["num_codebooks"])
     if bits % BITS_PER_GROUP:
-        raise ConversionError(
-            f"{bits} latent bits is not a whole number of WeTok's 8-bit groups"
-        )
+        raise ConversionError(f"{bits} latent bits is not a whole number of WeTok's 8-bit groups")
     return bits // BITS_PER_GROUP
 
 
@@ -81,8 +79,10 @@ def build(arch: dict, groups: int, resolution: int) -> WeTok:
             name
             for name, p in WETOK_PRESETS.items()
             if {k: p[k] for k in ("channels", "channel_mult", "num_res_blocks", "bits", "groups")}
-            == {**{k: arch[k] for k in ("channels", "channel_mult", "num_res_blocks", "bits")},
-                "groups": groups}  # fmt: skip
+            == {
+                **{k: arch[k] for k in ("channels", "channel_mult", "num_res_blocks", "bits")},
+                "groups": groups,
+            }  # fmt: skip
             and arch["num_mid_blocks"] == arch["num_res_blocks"]
         ),
         None,

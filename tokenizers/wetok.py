@@ -12,9 +12,9 @@ follow the paper's compression ratios, ratio = 256*256*24 / (tokens * bits per t
 
 The presets are WeTok's released models (``GeneralDomain_compratio*`` configs, checked key by key
 against the released state dicts): width 256, 4 res blocks per level and as many mid blocks,
-GroupNorm(32) (at these widths), bias-free ResBlock convs, a 1x1 encoder output conv, one adaptive GroupNorm per
-decoder level, no projection between the nets and the quantizer (z_channels = bits). Ratio 768
-widens its sixth level to 8x (2048 channels), as released.
+GroupNorm(32) (at these widths), bias-free ResBlock convs, a 1x1 encoder output conv, one
+adaptive GroupNorm per decoder level, no projection between the nets and the quantizer
+(z_channels = bits). Ratio 768 widens its sixth level to 8x (2048 channels), as released.
 
 ``generative=True`` is stage 2 (GD): the decoder also takes a Gaussian noise map of the latent's
 shape, concatenated on channels; its noise weights start at zero when initialised from stage 1.
