@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -39,7 +40,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
             f"{path} holds objects that weights_only=True refuses to unpickle ({e}); load it "
             "in its own project and re-save its state dict as plain tensors"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
         raise ConversionError(
             f"{path} cannot be read as a PyTorch or safetensors checkpoint ({e}); it is probably "
             "truncated or corrupt: download it again and compare its size/checksum"
