@@ -78,11 +78,11 @@ def code_columns(tok) -> tuple[int, str, str]:
     cs = tok.code_space
     if cs.kind == "continuous":
         return tokens, f"{cs.channels} floats", "-"
-    bits = {"index": math.log2(cs.vocab_size) if cs.vocab_size else 0}.get(cs.kind, cs.bits)
-    shown = (
-        f"{bits:g}" if cs.kind != "groups" else f"{cs.bits} ({cs.groups}x{cs.bits // cs.groups})"
-    )
-    return tokens, shown, f"{RESOLUTION * RESOLUTION * 24 / (tokens * bits):g}"
+    bits = math.log2(cs.vocab_size) if cs.kind == "index" else cs.bits
+    shown = f"{bits:.3g}"
+    if cs.kind == "groups":
+        shown += f" ({cs.groups}x{cs.bits // cs.groups})"
+    return tokens, shown, f"{RESOLUTION * RESOLUTION * 24 / (tokens * bits):.4g}"
 
 
 TOKENIZERS: dict[str, tuple[dict, Callable[[str], nn.Module]]] = {
