@@ -2,6 +2,8 @@
 
     python -m vistok.convert llamagen-vq vq_ds16_c2i.pt --out vq16/
     python -m vistok.convert llamagen-gpt c2i_B_256.pt --tokenizer vq16/ --out gpt-b/
+    python -m vistok.convert wetok WeTok.ckpt --ema --out wetok/
+    python -m vistok.convert diffusers-vae path/to/sd-vae-ft-ema/ --out sd-vae/
 
 The folder loads like any export (``vistok.load_tokenizer`` / ``vistok.load_generator``,
 ``sample.py``, ``extract_codes``, post-training). The architecture is read from the checkpoint's
@@ -15,6 +17,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from vistok.convert import diffusers_vae, wetok
 from vistok.convert.common import ConversionError
 from vistok.convert.llamagen import convert_gpt, convert_vq
 
@@ -24,12 +27,14 @@ Converter = Callable[..., Path]
 FORMATS: dict[str, Converter] = {
     "llamagen-vq": convert_vq,
     "llamagen-gpt": convert_gpt,
+    "wetok": wetok.convert,
+    "diffusers-vae": diffusers_vae.convert,
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vistok.convert", description=__doc__.split("\n\n")[0]
+        prog="python -m vistok.convert", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("format", choices=sorted(FORMATS), help="the checkpoint's format")
     p.add_argument("checkpoint", help="the reference checkpoint file (or folder, per format)")

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from vistok.common.checkpoints import file_sha256
@@ -149,6 +151,64 @@ def fill_state(
     module.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
 
 
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's top-level dict: ``torch.load(weights_only=True)``, or a safetensors file.
+
+    Unreadable files are refused with what to do (never unpickled beyond plain tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConversionError(
+            f"{path} holds objects that weights_only=True refuses to unpickle ({e}); load it "
+            "in its own project and re-save its state dict as plain tensors"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
+        raise ConversionError(
+            f"{path} cannot be read as a PyTorch or safetensors checkpoint ({e}); it is probably "
+            "truncated or corrupt: download it again and compare its size/checksum"
+        ) from e
+
+
+def fit_state(
+    model: nn.Module,
+    source: dict[str, Tensor],
+    rename: Callable[[str], str],
+    fmt: str,
+    where: str,
+) -> dict[str, Tensor]:
+    """``source`` renamed into ``model``'s keys, checked to fill it exactly.
+
+    The first source key without a place, the first shape that differs, or the first model key
+    left empty is named in the refusal."""
+    own = model.state_dict()
+    state: dict[str, Tensor] = {}
+    for key, value in source.items():
+        name = rename(key)
+        if name not in own:
+            raise ConversionError(
+                f"{where}: key {key!r} has no place in a {fmt} model: the checkpoint is not in "
+                f"the {fmt} layout (or a variant this converter does not support)"
+            )
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise ConversionError(
+                f"{where}: {key!r} has shape {tuple(value.shape)} where the {fmt} layout read "
+                f"from this checkpoint expects {tuple(own[name].shape)}"
+            )
+        state[name] = value.float() if value.is_floating_point() else value
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ConversionError(
+            f"{where}: the checkpoint has nothing for {missing[0]!r} "
+            f"({len(missing)} tensors missing): it is incomplete or not a {fmt} checkpoint"
+        )
+    return state
+
+
 def write_export(
     module: nn.Module, out: str | Path, kind: str, checkpoint: str | Path, info: dict[str, Any]
 ) -> Path:
@@ -158,6 +218,7 @@ def write_export(
         "source": Path(checkpoint).name,
         "source_sha256": file_sha256(checkpoint),
         "global_step": None,
+        "training_data": "the reference's release, converted with python -m vistok.convert",
         **info,
     }
     folder = save_pretrained(module, out, kind, info)

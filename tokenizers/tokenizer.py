@@ -28,7 +28,8 @@ class Tokenizer(Configurable, nn.Module):
     """encoder -> proj_in -> quantizer -> proj_out -> decoder.
 
     ``proj_in``/``proj_out`` adapt the encoder and decoder widths to what the quantizer takes and
-    gives, so any quantizer fits any pair of nets.
+    gives, so any quantizer fits any pair of nets. ``project=False`` leaves them out (identity)
+    for models whose nets already have the quantizer's width (WeTok's released models have none).
     """
 
     def __init__(
@@ -38,13 +39,24 @@ class Tokenizer(Configurable, nn.Module):
         decoder: nn.Module,
         resolution: int = 256,
         z_channels: int | None = None,
+        project: bool = True,
     ):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.resolution = resolution
         z = z_channels or encoder.z_channels
-        self.proj_in = ChannelLinear(z, quantizer.in_channels)
-        self.proj_out = ChannelLinear(quantizer.code_space.channels, decoder.z_channels)
+        q_in, q_out = quantizer.in_channels, quantizer.code_space.channels
+        if project:
+            self.proj_in = ChannelLinear(z, q_in)
+            self.proj_out = ChannelLinear(q_out, decoder.z_channels)
+        elif (z, q_out) != (q_in, decoder.z_channels):
+            raise ValueError(
+                f"project=False needs the encoder to give what the quantizer takes ({z} vs "
+                f"{q_in} channels) and the decoder to take what it gives ({decoder.z_channels} "
+                f"vs {q_out})"
+            )
+        else:
+            self.proj_in, self.proj_out = nn.Identity(), nn.Identity()
 
     # --- what generators read --------------------------------------------------------------
     @property
@@ -116,16 +128,20 @@ class ConvArgs(TypedDict, total=False):
     num_mid_blocks: int
     dropout: float
     norm_groups: int
+    bias: bool
     level_attention: bool
     down_padding: str  # encoder only
     decoder_res_blocks: int  # decoder only: ResBlocks per level (default num_res_blocks)
 
 
-def conv_nets(cfg: dict[str, Any], **decoder_options: Any) -> tuple[nn.Module, nn.Module]:
+def conv_nets(
+    cfg: dict[str, Any], encoder_options: dict[str, Any] | None = None, **decoder_options: Any
+) -> tuple[nn.Module, nn.Module]:
     """The CNN encoder and its mirrored decoder from a resolved family config."""
     own = ("down_padding", "decoder_res_blocks")
     shared = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg and k not in own}
-    encoder = Encoder(**shared, **{k: cfg[k] for k in own[:1] if k in cfg})
+    encoder_options = {**{k: cfg[k] for k in own[:1] if k in cfg}, **(encoder_options or {})}
+    encoder = Encoder(**shared, **encoder_options)
     if cfg.get("decoder_res_blocks") is not None:
         shared["num_res_blocks"] = cfg["decoder_res_blocks"]
     return encoder, Decoder(**shared, **decoder_options)

@@ -1,17 +1,19 @@
-"""Convolutional encoder/decoder of the VQGAN family, with WeTok's decoder options.
+"""Convolutional encoder/decoder of the VQGAN family, with WeTok's options.
 
 The layout follows VQGAN (Esser et al. 2021, https://arxiv.org/abs/2012.09841) as used by
 LlamaGen (https://arxiv.org/abs/2406.06525): ResBlocks (GroupNorm + SiLU) per resolution level,
 strided-conv downsampling, optional self-attention at the lowest resolution. WeTok
-(https://arxiv.org/abs/2508.05599) drops attention, uses 4 mid blocks, and adds three decoder
-options that are switched on here by constructor arguments:
+(https://arxiv.org/abs/2508.05599, public ``improved_model.py``, itself MAGVIT-v2's layout) is
+the same skeleton switched by constructor arguments:
 
-- ``adaptive_norm``: every GroupNorm of the decoder takes its scale and bias from the decoder input
-  latent ``z``. ``z`` (B, z_channels, h, w) is pooled over all spatial positions into its
-  per-channel mean and std, (B, z_channels) each, and two Linear layers per norm map them to
-  (B, C) bias and scale. The same pooled statistics condition every level.
-- ``upsample="depth_to_space"``: a conv to 4C followed by a 2x pixel shuffle instead of nearest
-  interpolation + conv.
+- no attention, as many mid blocks as res blocks per level (``num_mid_blocks``);
+- ``bias=False``: the ResBlock convs, their 1x1 shortcuts and the encoder's input conv carry no
+  bias; ``out_kernel=1``: the encoder's last conv is 1x1; ``norm_groups=32`` at every width;
+- ``adaptive_norm`` (decoder): at the start of each up-level, before its plain-GroupNorm
+  ResBlocks, one GroupNorm without affine whose scale and bias are Linear maps of the decoder
+  input latent's per-channel std and mean (WeTok's AdaptiveGroupNorm);
+- ``upsample="depth_to_space"``: a conv to 4C followed by a 2x depth-to-space in DCR order
+  (channel index = (row offset, column offset, channel)) instead of nearest + conv;
 - ``noise_channels > 0``: Generative Decoding. A Gaussian noise map is concatenated to ``z`` before
   ``conv_in``; ``load_stage1`` starts it from a plain decoder with the noise part of ``conv_in`` at
   zero, so training starts exactly where stage 1 ended.
@@ -49,10 +51,11 @@ CHANNEL_MULT: dict[str, list[int]] = {
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """GroupNorm whose affine scale/bias come from the pooled latent statistics (WeTok).
+    """GroupNorm without affine whose scale/bias come from the pooled latent statistics (WeTok).
 
-    The Linear layers start at zero with the scale offset by 1, so at init this is a plain
-    GroupNorm and the conditioning is learned from there.
+    ``scale = to_scale(std(z))``, ``bias = to_bias(mean(z))`` with ``z`` the decoder's input
+    latent (B, z_channels, h, w): WeTok's definition, scale not offset by 1, and PyTorch's default
+    Linear initialisation as in its public code.
     """
 
     def __init__(self, channels: int, z_channels: int, groups: int | None = None):
@@ -60,33 +63,26 @@ class AdaptiveGroupNorm(nn.Module):
         self.norm = nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6, affine=False)
         self.to_scale = nn.Linear(z_channels, channels)
         self.to_bias = nn.Linear(z_channels, channels)
-        for layer in (self.to_scale, self.to_bias):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         mean, std = cond  # (B, Z) each
-        scale = 1 + rearrange(self.to_scale(std), "b c -> b c 1 1")
+        scale = rearrange(self.to_scale(std), "b c -> b c 1 1")
         bias = rearrange(self.to_bias(mean), "b c -> b c 1 1")
         return self.norm(x) * scale + bias
 
 
-def _norm(channels: int, z_channels: int | None, groups: int | None = None) -> nn.Module:
-    if z_channels is None:
-        return nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6)
-    return AdaptiveGroupNorm(channels, z_channels, groups)
-
-
-def _apply_norm(norm: nn.Module, x: Tensor, cond: tuple[Tensor, Tensor] | None) -> Tensor:
-    return norm(x, cond) if isinstance(norm, AdaptiveGroupNorm) else norm(x)
+def _norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
+    return nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6)
 
 
 def latent_stats(z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of ``z`` over its spatial positions: (B, C) each."""
+    """Per-channel mean and std of ``z`` over its spatial positions: (B, C) each.
+
+    The variance is the unbiased one (``Tensor.var``'s default, as in WeTok's code), so a
+    latent grid needs at least 2 positions.
+    """
     flat = rearrange(z, "b c h w -> b c (h w)")
-    mean = flat.mean(dim=-1)
-    std = (flat.var(dim=-1, unbiased=False) + eps).sqrt()
-    return mean, std
+    return flat.mean(dim=-1), (flat.var(dim=-1) + eps).sqrt()
 
 
 class ResBlock(nn.Module):
@@ -95,35 +91,35 @@ class ResBlock(nn.Module):
         in_ch: int,
         out_ch: int,
         dropout: float = 0.0,
-        z_channels: int | None = None,
         groups: int | None = None,
+        bias: bool = True,
     ):
         super().__init__()
-        self.norm1 = _norm(in_ch, z_channels, groups)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch, z_channels, groups)
+        self.norm1 = _norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=bias)
+        self.norm2 = _norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=bias)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1, bias=bias) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        h = self.conv1(F.silu(_apply_norm(self.norm1, x, cond)))
-        h = self.conv2(self.dropout(F.silu(_apply_norm(self.norm2, h, cond))))
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all positions of a feature map."""
 
-    def __init__(self, channels: int, z_channels: int | None = None, groups: int | None = None):
+    def __init__(self, channels: int, groups: int | None = None):
         super().__init__()
-        self.norm = _norm(channels, z_channels, groups)
+        self.norm = _norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        qkv = self.qkv(_apply_norm(self.norm, x, cond))  # (B, 3C, H, W)
+        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
         q, k, v = rearrange(qkv, "b (n c) h w -> n b 1 (h w) c", n=3)  # (B, 1, HW, C) each
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
@@ -139,21 +135,19 @@ class MidBlocks(nn.Module):
         num_blocks: int,
         attention: bool,
         dropout: float,
-        z_channels=None,
         groups: int | None = None,
+        bias: bool = True,
     ):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(num_blocks):
-            layers.append(ResBlock(channels, channels, dropout, z_channels, groups))
+            layers.append(ResBlock(channels, channels, dropout, groups, bias))
             if attention and i == 0:
-                layers.append(AttnBlock(channels, z_channels, groups))
-        self.layers = nn.ModuleList(layers)
+                layers.append(AttnBlock(channels, groups))
+        self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor, cond: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, cond)
-        return x
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
 
 
 class Downsample(nn.Module):
@@ -179,38 +173,30 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "depth_to_space":
-            # (B, 4C, H, W) -> (B, C, 2H, 2W)
-            return rearrange(self.conv(x), "b (c p q) h w -> b c (h p) (w q)", p=2, q=2)
+            # DCR order (WeTok / MAGVIT-v2): (B, (2 2 C), H, W) -> (B, C, 2H, 2W)
+            return rearrange(self.conv(x), "b (p q c) h w -> b c (h p) (w q)", p=2, q=2)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
-def _level(
-    in_ch: int,
-    out_ch: int,
-    num_blocks: int,
-    dropout: float,
-    cond: int | None,
-    groups: int | None,
-    attention: bool,
-) -> nn.Module:
+def _level(in_ch: int, out_ch: int, num_blocks: int, block: dict, attention: bool) -> nn.Module:
     """One resolution level: ResBlocks, each followed by attention when ``attention``."""
     level = nn.Module()
     level.blocks = nn.ModuleList(
-        ResBlock(in_ch if j == 0 else out_ch, out_ch, dropout, cond, groups)
-        for j in range(num_blocks)
+        ResBlock(in_ch if j == 0 else out_ch, out_ch, **block) for j in range(num_blocks)
     )
     # Empty unless asked for: an empty ModuleList adds no state-dict key.
+    groups = block.get("groups")
     level.attn = nn.ModuleList(
-        AttnBlock(out_ch, cond, groups) for _ in range(num_blocks if attention else 0)
+        AttnBlock(out_ch, groups) for _ in range(num_blocks if attention else 0)
     )
     return level
 
 
-def _run_level(level: nn.Module, h: Tensor, cond: tuple[Tensor, Tensor] | None) -> Tensor:
+def _run_level(level: nn.Module, h: Tensor) -> Tensor:
     for j, block in enumerate(level.blocks):
-        h = block(h, cond)
+        h = block(h)
         if len(level.attn):
-            h = level.attn[j](h, cond)
+            h = level.attn[j](h)
     return h
 
 
@@ -228,26 +214,28 @@ class Encoder(Configurable, nn.Module):
         num_mid_blocks: int = 2,
         dropout: float = 0.0,
         norm_groups: int | None = None,
+        bias: bool = True,
+        out_kernel: int = 3,
         level_attention: bool = False,
         down_padding: Literal["same", "asymmetric"] = "same",
     ):
         super().__init__()
         self.z_channels = z_channels
-        self.conv_in = nn.Conv2d(in_channels, channels * channel_mult[0], 3, padding=1)
+        block = dict(dropout=dropout, groups=norm_groups, bias=bias)
+        self.conv_in = nn.Conv2d(in_channels, channels * channel_mult[0], 3, padding=1, bias=bias)
         levels = []
         in_ch = channels * channel_mult[0]
         last = len(channel_mult) - 1
         for i, mult in enumerate(channel_mult):
             out_ch = channels * mult
-            attention = level_attention and i == last
-            level = _level(in_ch, out_ch, num_res_blocks, dropout, None, norm_groups, attention)
+            level = _level(in_ch, out_ch, num_res_blocks, block, level_attention and i == last)
             level.down = Downsample(out_ch, down_padding) if i < last else nn.Identity()
             levels.append(level)
             in_ch = out_ch
         self.levels = nn.ModuleList(levels)
-        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout, None, norm_groups)
-        self.norm_out = _norm(in_ch, None, norm_groups)
-        self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
+        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, **block)
+        self.norm_out = _norm(in_ch, norm_groups)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, out_kernel, padding=out_kernel // 2)
         self._downsample = 2 ** (len(channel_mult) - 1)
 
     @property
@@ -257,7 +245,7 @@ class Encoder(Configurable, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, C0, H, W)
         for level in self.levels:
-            h = level.down(_run_level(level, h, None))  # halves H, W except at the last level
+            h = level.down(_run_level(level, h))  # halves H, W except at the last level
         h = self.mid(h)  # (B, C_last, H/f, W/f)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, z_channels, H/f, W/f)
 
@@ -266,7 +254,9 @@ class Decoder(Configurable, nn.Module):
     """Latents (B, z_channels, h, w) -> images (B, out_channels, h*f, w*f); mirror of Encoder.
 
     Each level has ``num_res_blocks`` ResBlocks: as many as the encoder in WeTok/MAGVIT-v2, one
-    more in VQGAN/LlamaGen.
+    more in VQGAN/LlamaGen. With ``adaptive_norm`` each level starts with an
+    :class:`AdaptiveGroupNorm` conditioned on the decoder input ``z`` (the quantized latent, not
+    the noise).
     """
 
     def __init__(
@@ -283,6 +273,7 @@ class Decoder(Configurable, nn.Module):
         upsample: Literal["nearest", "depth_to_space"] = "nearest",
         noise_channels: int = 0,
         norm_groups: int | None = None,
+        bias: bool = True,
         level_attention: bool = False,
     ):
         super().__init__()
@@ -290,20 +281,22 @@ class Decoder(Configurable, nn.Module):
             raise ValueError(f"upsample must be 'nearest' or 'depth_to_space', got {upsample!r}")
         self.z_channels = z_channels
         self.noise_channels = noise_channels
-        cond = z_channels if adaptive_norm else None
+        block = dict(dropout=dropout, groups=norm_groups, bias=bias)
         in_ch = channels * channel_mult[-1]
         self.conv_in = nn.Conv2d(z_channels + noise_channels, in_ch, 3, padding=1)
-        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, dropout, cond, norm_groups)
+        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, **block)
         levels = []
         for i in reversed(range(len(channel_mult))):
             out_ch = channels * channel_mult[i]
             attention = level_attention and i == len(channel_mult) - 1
-            level = _level(in_ch, out_ch, num_res_blocks, dropout, cond, norm_groups, attention)
+            level = _level(in_ch, out_ch, num_res_blocks, block, attention)
+            if adaptive_norm:
+                level.norm = AdaptiveGroupNorm(in_ch, z_channels, norm_groups)
             level.up = Upsample(out_ch, upsample) if i > 0 else nn.Identity()
             levels.append(level)
             in_ch = out_ch
         self.levels = nn.ModuleList(levels)
-        self.norm_out = _norm(in_ch, cond, norm_groups)
+        self.norm_out = _norm(in_ch, norm_groups)
         self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
         self._adaptive = adaptive_norm
 
@@ -333,10 +326,12 @@ class Decoder(Configurable, nn.Module):
         else:
             z_in = z
         cond = latent_stats(z) if self._adaptive else None
-        h = self.mid(self.conv_in(z_in), cond)  # (B, C_last, h, w)
+        h = self.mid(self.conv_in(z_in))  # (B, C_last, h, w)
         for level in self.levels:
-            h = level.up(_run_level(level, h, cond))  # doubles h, w except at the last level
-        h = F.silu(_apply_norm(self.norm_out, h, cond))
+            if cond is not None:
+                h = level.norm(h, cond)
+            h = level.up(_run_level(level, h))  # doubles h, w except at the last level
+        h = F.silu(self.norm_out(h))
         return self.conv_out(h)  # (B, out_channels, h*f, w*f)
 
     @torch.no_grad()

@@ -1,0 +1,106 @@
+"""Released diffusers VAEs (SD-VAE, SDXL-VAE, FLUX-VAE) as vistok KL tokenizers.
+
+diffusers' own encoder/decoder are the nets (``nets/diffusers_vae.py``); ``quant_conv`` and
+``post_quant_conv`` (1x1 convs) are the tokenizer's ``proj_in`` / ``proj_out`` (the same linear
+map over channels), absent in FLUX/SD3-style VAEs; the posterior is vistok's
+:class:`DiagonalGaussian` (same logvar clamp to [-30, 20] as diffusers). ``encode`` gives
+``latent_dist.mean`` and ``decode`` takes what diffusers' ``decode`` takes.
+
+Scaling: vistok's latents are the VAE's raw latents. diffusers pipelines feed a diffusion model
+``(z - shift_factor) * scaling_factor`` and undo it before decoding; vistok's diffusion
+generators instead normalise each channel by the statistics measured when latents are extracted
+(``extract_codes`` -> ``latent_stats``), which subsumes both factors. The factors are kept
+(``scaling_factor``, ``shift_factor``, recorded in config.json) and applied only by
+:meth:`to_diffusers_latents` / :meth:`from_diffusers_latents`, for exchanging latents with
+diffusers-trained models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from vistok.tokenizers.nets.diffusers_vae import DiffusersDecoder, DiffusersEncoder
+from vistok.tokenizers.quantizers.gaussian import DiagonalGaussian
+from vistok.tokenizers.tokenizer import Tokenizer, resolve_preset
+
+_SD = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32)
+
+# The released configs (config.json of each repository).
+DIFFUSERS_VAE_PRESETS: dict[str, dict] = {
+    # stabilityai/sd-vae-ft-ema and sd-vae-ft-mse
+    "sd_vae": dict(
+        _SD, latent_channels=4, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True
+    ),  # fmt: skip
+    # stabilityai/sdxl-vae
+    "sdxl_vae": dict(
+        _SD, latent_channels=4, scaling_factor=0.13025, shift_factor=None, use_quant_conv=True
+    ),  # fmt: skip
+    # black-forest-labs/FLUX.1-dev vae/
+    "flux_vae": dict(
+        _SD, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False
+    ),  # fmt: skip
+}
+
+
+class DiffusersKL(Tokenizer):
+    """A diffusers ``AutoencoderKL`` of DownEncoderBlock2D/UpDecoderBlock2D layout."""
+
+    def __init__(
+        self,
+        preset: str = "sd_vae",
+        resolution: int = 256,
+        latent_channels: int | None = None,
+        block_out_channels: list[int] | None = None,
+        layers_per_block: int | None = None,
+        norm_num_groups: int | None = None,
+        act_fn: str = "silu",
+        mid_block_add_attention: bool = True,
+        use_quant_conv: bool | None = None,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        kl_weight: float = 1e-6,
+    ):
+        cfg = resolve_preset(
+            DIFFUSERS_VAE_PRESETS,
+            preset,
+            latent_channels=latent_channels,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            use_quant_conv=use_quant_conv,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+        )
+        nets = dict(
+            latent_channels=cfg["latent_channels"],
+            block_out_channels=cfg["block_out_channels"],
+            layers_per_block=cfg["layers_per_block"],
+            norm_num_groups=cfg["norm_num_groups"],
+            act_fn=act_fn,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+        super().__init__(
+            DiffusersEncoder(**nets),
+            DiagonalGaussian(channels=cfg["latent_channels"], kl_weight=kl_weight),
+            DiffusersDecoder(**nets),
+            resolution,
+            project=cfg["use_quant_conv"],
+        )
+        self.scaling_factor = cfg["scaling_factor"]
+        self.shift_factor = cfg["shift_factor"] or 0.0
+
+    def to_diffusers_latents(self, latents: Tensor) -> Tensor:
+        """vistok (raw) latents -> the scaled latents diffusers' diffusion models take."""
+        return (latents - self.shift_factor) * self.scaling_factor
+
+    def from_diffusers_latents(self, latents: Tensor) -> Tensor:
+        return latents / self.scaling_factor + self.shift_factor
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
