@@ -49,7 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vistok.evaluation.fid import FID, _rank_world, frechet_distance_torch, mean_cov, to_uint8
+from vistok.common.images import uint8_pixels
+from vistok.evaluation.fid import FID, _rank_world, frechet_distance_torch, mean_cov
 
 SPATIAL_LAYER = "Mixed_6d.branch1x1"  # TF mixed_6/conv
 SPATIAL_CHANNELS = 7
@@ -134,7 +135,7 @@ class ADMMetrics(FID):
         """Add a batch (B, 3, H, W) in [-1, 1] or uint8. ``stats=False``: features for
         precision/recall only (the reference's mean/covariance came from elsewhere)."""
         self._activation = None
-        pool = self.inception(to_uint8(images)).double()  # (B, 2048)
+        pool = self.inception(uint8_pixels(images)).double()  # (B, 2048)
         if self._activation is None or self._activation.shape[-2:] != (17, 17):
             raise RuntimeError(f"no 17x17 activation captured at {SPATIAL_LAYER}")
         spatial = spatial_features(self._activation).double()  # (B, 2023)

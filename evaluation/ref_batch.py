@@ -27,9 +27,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from vistok.common.images import uint8_pixels
 from vistok.data.datamodule import ImageDataModule
 from vistok.evaluation.adm import SPATIAL_DIM, ADMMetrics
-from vistok.evaluation.fid import FID, mean_cov, to_uint8
+from vistok.evaluation.fid import FID, mean_cov
 
 
 class RefBatchError(ValueError):
@@ -207,7 +208,7 @@ def write_ref_batch(
     images, seen = [], 0
     for batch in data.val_dataloader(rank=0, world_size=1):
         x = batch["image"][: num_images - seen]  # (B, 3, R, R) in [-1, 1]
-        arr = to_uint8(x)  # (B, 3, R, R) uint8: the bytes written, and the ones measured
+        arr = uint8_pixels(x)  # (B, 3, R, R) uint8: the bytes written, and the ones measured
         if metrics is not None:
             metrics.update(arr.to(device), real=True)
         images.append(arr.permute(0, 2, 3, 1).numpy())

@@ -18,6 +18,7 @@ from scipy.spatial.distance import cdist
 from test_fid import crops, noisy
 from test_pfid import _write_split
 
+from vistok.common.images import uint8_pixels as to_uint8
 from vistok.evaluation import inception
 from vistok.evaluation.adm import (
     SPATIAL_DIM,
@@ -25,7 +26,7 @@ from vistok.evaluation.adm import (
     manifold_radii,
     precision_recall,
 )
-from vistok.evaluation.fid import FID, frechet_distance_torch, mean_cov, to_uint8
+from vistok.evaluation.fid import FID, frechet_distance_torch, mean_cov
 from vistok.evaluation.ref_batch import (
     RefBatchError,
     fill_pool_reference,

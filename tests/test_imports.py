@@ -68,8 +68,6 @@ INTERFACES = {
         "sample.py's, read by the same parser"
     ),
 }
-# Not declared on purpose: losses/adversarial.py takes num_groups from tokenizers/nets/cnn.py, a
-# backward edge that goes when num_groups moves to one shared helper.
 
 
 @dataclass
