@@ -1,11 +1,24 @@
 """Pack a folder of images into WebDataset tar shards.
 
-    python -m vistok.data.make_shards SRC OUT [--shard-size 1000] [--prefix train] [--classes]
+    python -m vistok.data.make_shards SRC OUT [--shard-size 1000] [--prefix train]
+        [--classes | --labels FILE] [--class-list classes.txt]
+        [--val-fraction F | --val-count N] [--seed 0]
 
 SRC is searched recursively. With ``--classes`` every immediate subfolder of SRC is a class
 (ImageNet layout), the label is the folder's index in sorted order (or in ``--class-list``, to give
 a validation split the training split's indices), and the class list is written beside the shards
 as ``classes.txt`` and ``classes.json``.
+
+With ``--labels FILE`` the labels come from a file instead (ImageNet's flat val folder): either
+lines ``<file> <label>`` / ``<file>,<label>`` (the file by its path relative to SRC or that path
+without its extension; extra fields after the label are ignored; the label an integer or a class
+name, names indexed in ``--class-list`` or else in their sorted order), or one integer per line
+for the image files in sorted path order. A listed file that does not exist is an error; an image
+file that is not listed is skipped and counted.
+
+``--val-fraction``/``--val-count`` hold out a seeded, class-stratified validation split
+(``data/holdout.py`` documents the rounding) written as ``val-XXXXXX.tar`` beside the
+``{prefix}-XXXXXX.tar`` training shards.
 
 Each sample stores the file's original encoded bytes untouched, under the suffix of the format PIL
 detects (``jpg``, ``png``, ``webp`` ...: the file name's extension can lie), plus ``cls`` when
@@ -25,12 +38,15 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
+
+from vistok.data.holdout import split_holdout
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 _FORMAT_SUFFIX = {
@@ -140,6 +156,81 @@ def list_images(src: str | os.PathLike, classes: list[str] | None = None) -> lis
     return items
 
 
+def read_label_file(
+    path: str | os.PathLike, classes: list[str] | None = None
+) -> tuple[list[str], list[int], list[str] | None]:
+    """``(names, labels)``: ``names`` is empty for a plain list of integers (one per image in
+    sorted path order); ``classes`` is the class list the labels index (``None`` for integers
+    without one)."""
+    lines = [(n, line.strip()) for n, line in enumerate(Path(path).read_text().splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line]
+    if not lines:
+        raise ValueError(f"{path}: the label file is empty")
+    if all(re.fullmatch(r"-?\d+", line) for _, line in lines):
+        return [], [int(line) for _, line in lines], classes
+    names, raw = [], []
+    for n, line in lines:
+        fields = re.split(r"[,\s]+", line, maxsplit=1)
+        if len(fields) < 2 or not fields[1].strip():
+            raise ValueError(f"{path}:{n}: expected '<file> <label>' or '<file>,<label>': {line!r}")
+        names.append(fields[0])
+        raw.append(fields[1].split()[0].split(",")[0])
+    dupes = sorted(x for x, k in Counter(names).items() if k > 1)
+    if dupes:
+        raise ValueError(f"{path}: files listed more than once: {', '.join(dupes[:5])}")
+    if all(re.fullmatch(r"-?\d+", x) for x in raw):
+        return names, [int(x) for x in raw], classes
+    if any(re.fullmatch(r"-?\d+", x) for x in raw):
+        raise ValueError(f"{path}: labels mix integers and class names; use one kind")
+    classes = classes if classes is not None else sorted(set(raw))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(raw) - index.keys())
+    if unknown:
+        raise ValueError(
+            f"{path}: {len(unknown)} label(s) not in the class list, e.g. {', '.join(unknown[:5])}"
+        )
+    return names, [index[x] for x in raw], classes
+
+
+def label_images(
+    src: str | os.PathLike, names: list[str], labels: list[int], label_file: str = "label file"
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(items, unlisted)``: the image files under ``src`` labelled from a label file (see
+    ``read_label_file``), and the image files it does not list (skipped)."""
+    files = [p for p, _ in list_images(src)]
+    rel = [Path(os.path.relpath(p, src)).as_posix() for p in files]
+    if not names:  # a plain list of integers, one per image in sorted path order
+        if len(labels) != len(files):
+            raise ValueError(
+                f"{label_file} holds {len(labels)} labels but {src} holds {len(files)} image "
+                "files: a plain list of labels must give one per image, in sorted file order"
+            )
+        return list(zip(files, labels)), []
+    by_name = {r: i for i, r in enumerate(rel)}
+    by_stem = {}
+    for i, r in enumerate(rel):
+        by_stem.setdefault(r.rsplit(".", 1)[0], []).append(i)
+    items, listed, missing = [], set(), []
+    for name, label in zip(names, labels):
+        name = name.replace(os.sep, "/")
+        i = by_name.get(name)
+        if i is None and len(by_stem.get(name, [])) == 1:
+            i = by_stem[name][0]
+        if i is None or i in listed:
+            missing.append(name)
+            continue
+        listed.add(i)
+        items.append((i, label))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} file(s) listed in {label_file} are not image files under {src} "
+            f"(or match several), e.g. {', '.join(missing[:5])}"
+        )
+    items.sort()
+    unlisted = [files[i] for i in range(len(files)) if i not in listed]
+    return [(files[i], label) for i, label in items], unlisted
+
+
 def folder_samples(
     items: list[tuple[str, int]],
     root: str | os.PathLike,
@@ -178,19 +269,44 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("out", help="output folder for the shards")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--prefix", default="train", help="shard name prefix, e.g. train / val")
-    parser.add_argument("--classes", action="store_true", help="subfolders of SRC are classes")
+    labelling = parser.add_mutually_exclusive_group()
+    labelling.add_argument("--classes", action="store_true", help="subfolders of SRC are classes")
+    labelling.add_argument("--labels", help="label file for a flat folder (see the module doc)")
     parser.add_argument("--class-list", help="classes.txt to take class indices from")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, help="hold out this fraction as val shards")
+    split.add_argument("--val-count", type=int, help="hold out this many images as val shards")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     parser.add_argument("--workers", type=int, default=0, help="processes decoding to check")
     args = parser.parse_args(argv)
+    holding_out = args.val_fraction is not None or args.val_count is not None
+    if holding_out and args.prefix == "val":
+        parser.error("--val-fraction/--val-count write val-*.tar: give another --prefix")
 
     classes = None
     if args.class_list:
         classes = Path(args.class_list).read_text().split()
     elif args.classes:
         classes = sorted(p.name for p in Path(args.src).iterdir() if p.is_dir())
-    items = list_images(args.src, classes)
+    unlisted: list[str] = []
+    if args.labels:
+        try:
+            names, labels, classes = read_label_file(args.labels, classes)
+            items, unlisted = label_images(args.src, names, labels, args.labels)
+        except ValueError as e:
+            parser.error(str(e))
+    else:
+        items = list_images(args.src, classes)
     if not items:
         parser.error(f"no image files under {args.src}")
+    parts = [(args.prefix, items)]
+    if holding_out:
+        rel = [os.path.relpath(p, args.src) for p, _ in items]
+        try:
+            train, val = split_holdout(items, rel, args.val_fraction, args.val_count, args.seed)
+        except ValueError as e:
+            parser.error(str(e))
+        parts = [(args.prefix, train), ("val", val)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if classes is not None:
@@ -198,10 +314,19 @@ def main(argv: list[str] | None = None) -> list[str]:
         (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
     bad: list[str] = []
-    with tqdm(total=len(items), unit="img", desc=f"{args.prefix} shards") as progress:
-        samples = folder_samples(items, args.src, bad, args.workers, progress)
-        paths = write_shards(samples, out, args.prefix, args.shard_size)
-    print(f"{len(items) - len(bad)} images in {len(paths)} shards under {out}")
+    written: list[tuple[str, list[str], int]] = []
+    with tqdm(total=len(items), unit="img", desc="shards") as progress:
+        for prefix, part in parts:
+            n_bad = len(bad)
+            samples = folder_samples(part, args.src, bad, args.workers, progress)
+            paths = write_shards(samples, out, prefix, args.shard_size)
+            written.append((prefix, paths, len(part) - (len(bad) - n_bad)))
+    for prefix, paths, good in written:
+        print(f"{good} images in {len(paths)} {prefix} shards under {out}")
+    if unlisted:
+        print(f"{len(unlisted)} image file(s) not in {args.labels} skipped, e.g.:")
+        for path in unlisted[:5]:
+            print(f"  {path}")
     if bad:
         print(f"{len(bad)} unreadable file(s) skipped:")
         for path in bad:
@@ -211,11 +336,14 @@ def main(argv: list[str] | None = None) -> list[str]:
             f"error: none of the {len(items)} image files under {args.src} could be decoded: "
             "no shards written"
         )
-    if paths:
-        flag = "val_shards" if args.prefix.startswith("val") else "train_shards"
+    empty = [prefix for prefix, paths, _ in written if not paths]
+    if empty:
+        raise SystemExit(f"error: no readable image left for the {empty[0]} shards")
+    for prefix, paths, _ in written:
+        flag = "val_shards" if prefix.startswith("val") else "train_shards"
         print(f"pass with --data.{flag}:")
         print(shard_pattern(paths))
-    return paths
+    return [p for _, paths, _ in written for p in paths]
 
 
 if __name__ == "__main__":
