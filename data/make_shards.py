@@ -167,7 +167,7 @@ def read_label_file(
     if not lines:
         raise ValueError(f"{path}: the label file is empty")
     if all(re.fullmatch(r"-?\d+", line) for _, line in lines):
-        return [], [int(line) for _, line in lines], classes
+        return [], _integer_labels(path, [line for _, line in lines], classes), classes
     names, raw = [], []
     for n, line in lines:
         fields = re.split(r"[,\s]+", line, maxsplit=1)
@@ -179,7 +179,7 @@ def read_label_file(
     if dupes:
         raise ValueError(f"{path}: files listed more than once: {', '.join(dupes[:5])}")
     if all(re.fullmatch(r"-?\d+", x) for x in raw):
-        return names, [int(x) for x in raw], classes
+        return names, _integer_labels(path, raw, classes), classes
     if any(re.fullmatch(r"-?\d+", x) for x in raw):
         raise ValueError(f"{path}: labels mix integers and class names; use one kind")
     classes = classes if classes is not None else sorted(set(raw))
@@ -190,6 +190,16 @@ def read_label_file(
             f"{path}: {len(unknown)} label(s) not in the class list, e.g. {', '.join(unknown[:5])}"
         )
     return names, [index[x] for x in raw], classes
+
+
+def _integer_labels(path, raw: list[str], classes: list[str] | None) -> list[int]:
+    labels = [int(x) for x in raw]
+    top = len(classes) if classes is not None else None
+    out = [x for x in labels if x < 0 or (top is not None and x >= top)]
+    if out:
+        bound = f"0..{top - 1} (the class list)" if top is not None else ">= 0"
+        raise ValueError(f"{path}: label {out[0]} is outside {bound}")
+    return labels
 
 
 def label_images(
@@ -216,19 +226,30 @@ def label_images(
         i = by_name.get(name)
         if i is None and len(by_stem.get(name, [])) == 1:
             i = by_stem[name][0]
-        if i is None or i in listed:
+        if i is None:
             missing.append(name)
             continue
+        if i in listed:
+            raise ValueError(f"{label_file}: {rel[i]} is listed more than once (as {name!r})")
         listed.add(i)
         items.append((i, label))
     if missing:
         raise ValueError(
             f"{len(missing)} file(s) listed in {label_file} are not image files under {src} "
-            f"(or match several), e.g. {', '.join(missing[:5])}"
+            f"(or their extensionless name matches several), e.g. {', '.join(missing[:5])}"
         )
     items.sort()
     unlisted = [files[i] for i in range(len(files)) if i not in listed]
     return [(files[i], label) for i, label in items], unlisted
+
+
+def checked_images(paths: list[str], workers: int = 0) -> Iterator[tuple[bytes, str] | None]:
+    """``check_image`` of each path, in order (on ``workers`` processes when > 0)."""
+    if workers > 0:
+        with Pool(workers) as pool:
+            yield from pool.imap(check_image, paths, chunksize=16)
+    else:
+        yield from map(check_image, paths)
 
 
 def folder_samples(
@@ -239,13 +260,25 @@ def folder_samples(
     progress: tqdm | None = None,
 ) -> Iterator[dict]:
     """Checked samples in ``items`` order; unreadable paths are appended to ``bad``."""
-    paths = [p for p, _ in items]
-    if workers > 0:
-        with Pool(workers) as pool:
-            checked = pool.imap(check_image, paths, chunksize=16)
-            yield from _samples(items, root, bad, checked, progress)
-    else:
-        yield from _samples(items, root, bad, map(check_image, paths), progress)
+    checked = checked_images([p for p, _ in items], workers)
+    yield from _samples(items, root, bad, checked, progress)
+
+
+def readable_items(
+    items: list[tuple[str, int]], bad: list[str], workers: int = 0, progress: tqdm | None = None
+) -> tuple[list[tuple[str, int]], dict[str, str]]:
+    """``(good items, path -> format suffix)``: the check alone, so that a split can be made over
+    the readable images before their bytes are read again to be written."""
+    good, suffixes = [], {}
+    for item, result in zip(items, checked_images([p for p, _ in items], workers)):
+        if progress is not None:
+            progress.update(1)
+        if result is None:
+            bad.append(item[0])
+        else:
+            good.append(item)
+            suffixes[item[0]] = result[1]
+    return good, suffixes
 
 
 def _samples(items, root, bad, checked, progress):
@@ -282,6 +315,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     holding_out = args.val_fraction is not None or args.val_count is not None
     if holding_out and args.prefix == "val":
         parser.error("--val-fraction/--val-count write val-*.tar: give another --prefix")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.val_count is not None and args.val_count < 1:
+        parser.error(f"--val-count must be >= 1, got {args.val_count}")
 
     classes = None
     if args.class_list:
@@ -299,14 +336,6 @@ def main(argv: list[str] | None = None) -> list[str]:
         items = list_images(args.src, classes)
     if not items:
         parser.error(f"no image files under {args.src}")
-    parts = [(args.prefix, items)]
-    if holding_out:
-        rel = [os.path.relpath(p, args.src) for p, _ in items]
-        try:
-            train, val = split_holdout(items, rel, args.val_fraction, args.val_count, args.seed)
-        except ValueError as e:
-            parser.error(str(e))
-        parts = [(args.prefix, train), ("val", val)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if classes is not None:
@@ -314,15 +343,28 @@ def main(argv: list[str] | None = None) -> list[str]:
         (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
 
     bad: list[str] = []
-    written: list[tuple[str, list[str], int]] = []
-    with tqdm(total=len(items), unit="img", desc="shards") as progress:
-        for prefix, part in parts:
-            n_bad = len(bad)
-            samples = folder_samples(part, args.src, bad, args.workers, progress)
-            paths = write_shards(samples, out, prefix, args.shard_size)
-            written.append((prefix, paths, len(part) - (len(bad) - n_bad)))
-    for prefix, paths, good in written:
-        print(f"{good} images in {len(paths)} {prefix} shards under {out}")
+    written: list[tuple[str, list[str], int]] = []  # (prefix, shard paths, images)
+    if not holding_out:
+        with tqdm(total=len(items), unit="img", desc=f"{args.prefix} shards") as progress:
+            samples = folder_samples(items, args.src, bad, args.workers, progress)
+            paths = write_shards(samples, out, args.prefix, args.shard_size)
+            written.append((args.prefix, paths, len(items) - len(bad)))
+    else:  # check every file first, so the split is over the readable images only
+        with tqdm(total=len(items), unit="img", desc="checking") as progress:
+            good, suffixes = readable_items(items, bad, args.workers, progress)
+        if good:
+            rel = [os.path.relpath(p, args.src) for p, _ in good]
+            try:
+                train, val = split_holdout(good, rel, args.val_fraction, args.val_count, args.seed)
+            except ValueError as e:
+                parser.error(f"{e} (readable images only)")
+            for prefix, part in ((args.prefix, train), ("val", val)):
+                stored = ((Path(p).read_bytes(), suffixes[p]) for p, _ in part)
+                samples = _samples(part, args.src, bad, stored, None)
+                paths = write_shards(samples, out, prefix, args.shard_size)
+                written.append((prefix, paths, len(part)))
+    for prefix, paths, n in written:
+        print(f"{n} images in {len(paths)} {prefix} shards under {out}")
     if unlisted:
         print(f"{len(unlisted)} image file(s) not in {args.labels} skipped, e.g.:")
         for path in unlisted[:5]:
@@ -336,9 +378,6 @@ def main(argv: list[str] | None = None) -> list[str]:
             f"error: none of the {len(items)} image files under {args.src} could be decoded: "
             "no shards written"
         )
-    empty = [prefix for prefix, paths, _ in written if not paths]
-    if empty:
-        raise SystemExit(f"error: no readable image left for the {empty[0]} shards")
     for prefix, paths, _ in written:
         flag = "val_shards" if prefix.startswith("val") else "train_shards"
         print(f"pass with --data.{flag}:")
