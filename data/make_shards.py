@@ -27,7 +27,8 @@ is fully decoded once to check it, its EXIF orientation applied as the training 
 (``data/image_decode.py``; the tag stays in the stored bytes, so the shards hold what the camera
 wrote and every EXIF-aware reader shows it upright); unreadable files are skipped and listed at
 the end, and a folder without a single readable image is an error (exit code 1). The last line
-printed is the shard pattern to pass as ``--data.train_shards``.
+printed is the shard pattern to pass as ``--data.train_shards`` (with a hold-out, the last two
+patterns are for ``--data.train_shards`` and ``--data.val_shards``).
 """
 
 from __future__ import annotations
@@ -159,9 +160,9 @@ def list_images(src: str | os.PathLike, classes: list[str] | None = None) -> lis
 def read_label_file(
     path: str | os.PathLike, classes: list[str] | None = None
 ) -> tuple[list[str], list[int], list[str] | None]:
-    """``(names, labels)``: ``names`` is empty for a plain list of integers (one per image in
-    sorted path order); ``classes`` is the class list the labels index (``None`` for integers
-    without one)."""
+    """``(names, labels, classes)``: ``names`` is empty for a plain list of integers (one per
+    image in sorted path order); ``classes`` is the class list the labels index (``None`` for
+    integers without one)."""
     lines = [(n, line.strip()) for n, line in enumerate(Path(path).read_text().splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:
@@ -192,7 +193,9 @@ def read_label_file(
     return names, [index[x] for x in raw], classes
 
 
-def _integer_labels(path, raw: list[str], classes: list[str] | None) -> list[int]:
+def _integer_labels(
+    path: str | os.PathLike, raw: list[str], classes: list[str] | None
+) -> list[int]:
     labels = [int(x) for x in raw]
     top = len(classes) if classes is not None else None
     out = [x for x in labels if x < 0 or (top is not None and x >= top)]
