@@ -115,3 +115,15 @@ def test_pipeline_presets_name_existing_configs():
         for arg in preset["tokenizer"] + preset["generator"]:
             if arg.startswith("--config="):
                 assert (ROOT / "configs" / arg.split("=", 1)[1]).is_file(), arg
+
+
+def test_readme_pipeline_block_is_what_the_pipeline_runs(capsys):
+    """The README's pipeline commands are the ones ``make demo`` runs (the pipeline test runs
+    them end to end), so they cannot drift apart."""
+    from vistok.pipeline import main
+
+    readme = (ROOT / "README.md").read_text()
+    marker = "<!-- pipeline: python -m vistok.pipeline --dry-run -->\n```bash\n"
+    block = readme[readme.index(marker) + len(marker) :].split("```", 1)[0]
+    main(["--dry-run"])
+    assert block.strip() == capsys.readouterr().out.strip()
