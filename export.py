@@ -20,4 +20,6 @@ if __name__ == "__main__":
     p.add_argument("--repo-id", help="Hub repo for --push, e.g. user/wetok-f16")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     a = p.parse_args()
-    print(export(a.ckpt, a.out, a.ema, a.push, a.repo_id, a.private))
+    folder = export(a.ckpt, a.out, a.ema, a.push, a.repo_id, a.private)
+    files = ", ".join(sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()))
+    print(f"exported {'EMA' if a.ema else 'raw'} weights of {a.ckpt} to {folder}: {files}")

@@ -17,9 +17,34 @@ def sample_or_exit(args: argparse.Namespace) -> dict[str, Any] | None:
     """``sample(args)`` with a wrong or missing tokenizer or reference batch reported as a
     command-line error."""
     try:
-        return sample(args)
+        results = sample(args)
     except (TokenizerMismatch, FileNotFoundError, RefBatchError) as e:
         raise SystemExit(f"error: {e}") from e
+    if results is not None:  # rank 0
+        print(summary(results, args.out), flush=True)
+    return results
+
+
+def summary(results: dict[str, Any], out: str) -> str:
+    """What a sampling run produced: its figures and where they are."""
+    proto = results["protocol"]
+    lines = [f"sampled {proto['num_images']} images ({proto['world_size']} process(es)) into {out}"]
+    if results.get("gfid") is not None:
+        ref = proto.get("fid") or {}
+        where = (
+            ref.get("reference_batch") or ref.get("reference_shards") or "the embedded val split"
+        )
+        count = ref.get("reference_images") or ref.get("reference_count")
+        lines.append(f"gFID {results['gfid']:.4g} against {count} reference images ({where})")
+    elif results.get("gfid_skipped"):
+        lines.append(f"gFID skipped: {results['gfid_skipped']}")
+    adm = results.get("adm_metrics") or {}
+    extra = [f"{k} {v:.4g}" for k, v in adm.items() if isinstance(v, float) and k != "fid"]
+    if extra:
+        lines.append(", ".join(extra))
+    written = [v for v in (results.get("outputs") or {}).values() if v]
+    lines.append("wrote " + ", ".join([*written, "results.json"]))
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
