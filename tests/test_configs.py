@@ -20,8 +20,13 @@ POSTTRAIN = sorted(c for c in ALL if c.startswith("posttrain/"))
 def test_every_config_is_covered():
     covered = set(TOKENIZERS) | set(STACKED) | set(GENERATORS) | set(POSTTRAIN)
     # cpu_small is stacked by every test above; the GPU speed/FSDP presets resolve to real objects
-    # in tests/test_speed.py.
-    presets = {"presets/cpu_small.yaml", "presets/gpu_fast.yaml", "presets/fsdp.yaml"}
+    # in tests/test_speed.py; cpu_demo is make train's, run in tests/test_first_hour.py.
+    presets = {
+        "presets/cpu_small.yaml",
+        "presets/gpu_fast.yaml",
+        "presets/fsdp.yaml",
+        "presets/cpu_demo.yaml",
+    }
     assert ALL - covered == {"defaults.yaml"} | presets
 
 
