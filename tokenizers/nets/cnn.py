@@ -26,7 +26,8 @@ Options that express the taming-transformers / LlamaGen network exactly (LlamaGe
   (taming's ``attn_resolutions`` = the latent resolution), besides the one in the middle.
 - ``down_padding="asymmetric"``: pad right/bottom by one, then a stride-2 conv without padding
   (taming's Downsample); ``"same"`` pads one on every side.
-- ``norm_groups``: a fixed GroupNorm group count (taming: 32 at any width).
+- ``norm_groups``: a fixed GroupNorm group count (taming: 32 at any width), wherever it divides
+  the width (narrower test presets fall back to ``num_groups``).
 - the decoder's ``num_res_blocks`` may differ from the encoder's (taming: one more).
 """
 
@@ -50,6 +51,12 @@ CHANNEL_MULT: dict[str, list[int]] = {
 }
 
 
+def _groups(channels: int, groups: int | None) -> int:
+    """``norm_groups`` where it divides the width (the references' 32 at their widths); else,
+    e.g. for the narrow CPU presets, the default rule (``num_groups``)."""
+    return groups if groups and channels % groups == 0 else num_groups(channels)
+
+
 class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine whose scale/bias come from the pooled latent statistics (WeTok).
 
@@ -60,7 +67,7 @@ class AdaptiveGroupNorm(nn.Module):
 
     def __init__(self, channels: int, z_channels: int, groups: int | None = None):
         super().__init__()
-        self.norm = nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6, affine=False)
+        self.norm = nn.GroupNorm(_groups(channels, groups), channels, eps=1e-6, affine=False)
         self.to_scale = nn.Linear(z_channels, channels)
         self.to_bias = nn.Linear(z_channels, channels)
 
@@ -72,7 +79,7 @@ class AdaptiveGroupNorm(nn.Module):
 
 
 def _norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
-    return nn.GroupNorm(groups or num_groups(channels), channels, eps=1e-6)
+    return nn.GroupNorm(_groups(channels, groups), channels, eps=1e-6)
 
 
 def latent_stats(z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
