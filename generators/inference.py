@@ -116,7 +116,7 @@ def sample(args: argparse.Namespace) -> dict[str, Any] | None:
     fid, fid_protocol, skipped = setup_fid(args, tok.tokenizer.resolution, device, rank, world)
     labels = class_labels(args.num_images, gen.model.num_classes, args.classes, args.seed)
     spec_stats = sample_batches(args, sampler, labels, fid, out, rank, world, device)
-    gfid = fid.compute() if fid is not None else None  # all-reduces feature sums, not images
+    gfid = fid.compute() if fid is not None else None  # sums ranks' feature sums, no images
     if world > 1:
         if sampler.spec is not None:
             spec_stats = gather_stats(spec_stats, rank, world)
