@@ -225,7 +225,9 @@ def write_images(out: Path, parts: PartSet, labels: torch.Tensor, chunk: int) ->
 
     def chunks():
         for rows in parts.chunks(chunk):  # (<=chunk, H, W, 3)
-            first.append(rows[: 64 - sum(map(len, first))].copy())
+            kept = sum(map(len, first))
+            if kept < 64:
+                first.append(rows[: 64 - kept].copy())
             yield rows
 
     write_npz_stream(out / "samples.npz", parts.shape, parts.dtype, chunks(), labels=labels.numpy())

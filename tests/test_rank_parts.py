@@ -146,3 +146,17 @@ def test_two_process_sampling_merges_parts_by_name(tmp_path, one_thread):
     assert reads0 and max(reads0) <= 2  # rank 0 merged a batch at a time
     assert json.loads((tmp_path / "reads1.json").read_text()) == []
     assert (two / "grid.png").is_file()
+
+
+def test_write_images_streams_the_npz_and_grids_the_first_64(tmp_path, monkeypatch):
+    arr = write_parts(tmp_path / "parts", 70, 4, world=3)
+    grids = []
+    monkeypatch.setattr(inference, "save_grid", lambda rows, path: grids.append(rows))
+    labels = torch.arange(70) % 5
+    inference.write_images(tmp_path, PartSet(tmp_path / "parts", 3), labels, chunk=4)
+    npz = np.load(tmp_path / "samples.npz")
+    assert np.array_equal(npz["arr_0"], arr) and np.array_equal(npz["labels"], labels.numpy())
+    grid = torch.cat(grids[0])  # (64, 3, H, W) in [-1, 1]
+    expected = torch.from_numpy(arr[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert len(grids[0]) == 8 and torch.equal(grid, expected)
+    assert not (tmp_path / "parts").exists()
