@@ -7,9 +7,12 @@ diffusion generator (flow matching or binary diffusion) integrates ``--steps`` s
 
 Writes PNGs, a grid PNG, ``samples.npz`` (uint8 NHWC under ``arr_0``, the ADM evaluator's format;
 ``labels`` beside it) and ``results.json`` (gFID when the FID module is available, always with the
-full protocol). Under ``torchrun`` every rank samples a disjoint set of batches and rank 0
-gathers the npz. Batch j (of ``--batch-size`` images, global index order) is always sampled with
-the seed derived from (``--seed``, j), so the images do not depend on the number of processes.
+full protocol). Under ``torchrun`` every rank samples a disjoint set of batches and appends
+them to its own part file as it goes (``parts/rank{r}.npy``); rank 0 then merges the parts by
+global index into ``samples.npz``, one batch at a time, and deletes them: no image travels
+between processes and no rank's memory grows with ``--num-images``. Batch j (of
+``--batch-size`` images, global index order) is always sampled with the seed derived from
+(``--seed``, j), so the images do not depend on the number of processes.
 
 The generator checkpoint names its tokenizer (path + SHA-256); a tokenizer whose hash differs,
 given with ``--tokenizer`` or found at the recorded path, is refused.
@@ -30,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vistok.common.images import save_grid, to_uint8
+from vistok.common.rank_parts import PartSet, PartWriter, write_npz_stream
 from vistok.common.results import code_version
 from vistok.evaluation.adm import ADMMetrics
 from vistok.evaluation.ref_batch import reference_metrics
@@ -113,15 +117,16 @@ def sample(args: argparse.Namespace) -> dict[str, Any] | None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     fid, fid_protocol, skipped = setup_fid(args, tok.tokenizer.resolution, device, rank, world)
     labels = class_labels(args.num_images, gen.model.num_classes, args.classes, args.seed)
-    parts, spec_stats = sample_batches(args, sampler, labels, fid, out, rank, world, device)
-    gfid = fid.compute() if fid is not None else None
+    spec_stats = sample_batches(args, sampler, labels, fid, out, rank, world, device)
+    gfid = fid.compute() if fid is not None else None  # sums ranks' feature sums, no images
     adm = fid.results() if isinstance(fid, ADMMetrics) else None  # every rank: it all-reduces
     if world > 1:
-        parts, spec_stats = gather(parts, spec_stats, sampler.spec is not None, rank, world)
+        if sampler.spec is not None:
+            spec_stats = gather_stats(spec_stats, rank, world)
+        dist.barrier()  # every rank's part is written
     results = None
     if rank == 0:
-        order = np.argsort(np.concatenate([p[0] for p in parts]))
-        write_images(out, np.concatenate([p[1] for p in parts])[order], labels)
+        write_images(out, PartSet(out / "parts", world), labels, args.batch_size)
         results = {
             "gfid": gfid,
             "gfid_skipped": skipped,
@@ -186,11 +191,13 @@ def setup_fid(args: argparse.Namespace, resolution: int, device, rank: int, worl
 
 
 def sample_batches(args, sampler: Sampler, labels, fid, out: Path, rank: int, world: int, device):
-    """This rank's share of the batches: ([(indices, uint8 images (n, H, W, 3))], counters).
-    Batch j is sampled with the seed of (``--seed``, j) whatever the number of processes."""
+    """Samples this rank's share of the batches into ``out/parts/rank{rank}.npy`` (uint8
+    (n, H, W, 3), written batch by batch); returns its speculative counters. Batch j is sampled
+    with the seed of (``--seed``, j) whatever the number of processes."""
     spec_stats = SpeculativeStats()
     jobs = list(enumerate(range(0, args.num_images, args.batch_size)))[rank::world]
-    parts = []
+    share = sum(min(args.batch_size, args.num_images - start) for _, start in jobs)
+    part = PartWriter(out / "parts", rank, share)
     for j, start in tqdm(jobs, disable=rank != 0, desc="sampling", unit="batch"):
         idx = torch.arange(start, min(start + args.batch_size, args.num_images))
         g = torch.Generator(device).manual_seed(batch_seed(args.seed, j))
@@ -204,27 +211,35 @@ def sample_batches(args, sampler: Sampler, labels, fid, out: Path, rank: int, wo
         if args.save_png:
             for i, a in zip(idx.tolist(), arr):
                 Image.fromarray(a).save(out / "images" / f"{i:06d}.png")
-        parts.append((idx.numpy(), arr))
-    return parts, spec_stats
+        part.append(idx.numpy(), arr)
+    part.close()
+    return spec_stats
 
 
-def gather(parts: list, spec_stats: SpeculativeStats, speculative: bool, rank: int, world: int):
-    """Every rank's images (and speculative counters) on rank 0."""
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(parts, gathered, dst=0)
-    parts = [p for ps in gathered or [] for p in ps]
-    if speculative:
-        every = [None] * world if rank == 0 else None
-        dist.gather_object(spec_stats, every, dst=0)
-        spec_stats = sum(every or [], SpeculativeStats())
-    return parts, spec_stats
+def gather_stats(spec_stats: SpeculativeStats, rank: int, world: int) -> SpeculativeStats:
+    """The speculative counters summed over ranks, on rank 0 (a few numbers per rank)."""
+    every = [None] * world if rank == 0 else None
+    dist.gather_object(spec_stats, every, dst=0)
+    return sum(every or [], SpeculativeStats())
 
 
-def write_images(out: Path, arrays: np.ndarray, labels: torch.Tensor) -> None:
-    """samples.npz (the ADM evaluator's format, ``labels`` beside it) and grid.png."""
-    np.savez(out / "samples.npz", arr_0=arrays, labels=labels.numpy())  # arrays (N, H, W, 3)
-    grid = torch.from_numpy(arrays[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+def write_images(out: Path, parts: PartSet, labels: torch.Tensor, chunk: int) -> None:
+    """samples.npz (the ADM evaluator's format: uint8 (N, H, W, 3) ``arr_0`` in global index
+    order, ``labels`` beside it) streamed from the parts ``chunk`` images at a time, grid.png
+    from the first 64; then the parts are deleted."""
+    first = []  # the grid's images, kept as they stream past
+
+    def chunks():
+        for rows in parts.chunks(chunk):  # (<=chunk, H, W, 3)
+            kept = sum(map(len, first))
+            if kept < 64:
+                first.append(rows[: 64 - kept].copy())
+            yield rows
+
+    write_npz_stream(out / "samples.npz", parts.shape, parts.dtype, chunks(), labels=labels.numpy())
+    grid = torch.from_numpy(np.concatenate(first)).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid(list(grid.split(8)), out / "grid.png")
+    parts.remove()
 
 
 def protocol(

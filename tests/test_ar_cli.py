@@ -283,7 +283,7 @@ def test_tokenizer_codes_generator_samples_through_the_real_clis(tmp_path, monke
     assert isinstance(results["gfid"], float) and results["gfid"] > 0
     assert protocol["fid"]["reference_count"] == 24
 
-    # Two processes: disjoint batches, rank 0 gathers; the same images as one process.
+    # Two processes: disjoint batches, per-rank parts merged by rank 0; the same images.
     run(
         [
             "-m",
@@ -299,6 +299,7 @@ def test_tokenizer_codes_generator_samples_through_the_real_clis(tmp_path, monke
         ]
     )
     assert np.array_equal(np.load(tmp_path / "ddp" / "samples.npz")["arr_0"], arr)
+    assert not (tmp_path / "ddp" / "parts").exists() and not (out / "parts").exists()
 
     # Exported (generator + its tokenizer in one folder): sample.py gives the same images.
     exported = tmp_path / "exported"
