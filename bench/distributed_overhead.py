@@ -111,11 +111,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--images", type=int, nargs=2, default=[64, 256])
     p.add_argument("--out", default="/tmp/vistok_distributed_bench")
-    p.add_argument("--worker-sample", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args()
-    if args.worker_sample:
-        worker_sample(args.worker_sample, rest)
+    if sys.argv[1:2] == ["--worker-sample"]:  # a torchrun rank: everything after the folder
+        worker_sample(sys.argv[2], sys.argv[3:])  # is sample.py's (its --out included)
         return
+    args = p.parse_args()
     out = Path(args.out)
     print(f"{'model':<10} {'procs':>5} {'s/step':>8} {'grads MiB':>10} {'other MiB':>9}")
     tok_audits = {}
