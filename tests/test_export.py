@@ -71,7 +71,10 @@ def _edit_weights(folder: Path, edit) -> None:
     [
         (lambda s: s.pop("decoder.conv_out.bias"), "missing key decoder.conv_out.bias"),
         (lambda s: s.update(extra=torch.zeros(1)), "unexpected key extra"),
-        (lambda s: s.update({"proj_in.weight": torch.zeros(3, 3)}), "shape mismatch for proj_in"),
+        (
+            lambda s: s.update({"decoder.conv_in.weight": torch.zeros(3, 3)}),
+            "shape mismatch for decoder.conv_in",
+        ),
     ],
 )
 def test_tampered_weights_are_refused_by_name(exported, edit, message):

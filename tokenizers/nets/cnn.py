@@ -85,11 +85,12 @@ def _norm(channels: int, groups: int | None = None) -> nn.GroupNorm:
 def latent_stats(z: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-channel mean and std of ``z`` over its spatial positions: (B, C) each.
 
-    The variance is the unbiased one (``Tensor.var``'s default, as in WeTok's code), so a
-    latent grid needs at least 2 positions.
+    The variance is the unbiased one (``Tensor.var``'s default, as in WeTok's code); a 1x1 grid,
+    where that is undefined (NaN in the reference), takes the biased one (0).
     """
     flat = rearrange(z, "b c h w -> b c (h w)")
-    return flat.mean(dim=-1), (flat.var(dim=-1) + eps).sqrt()
+    correction = 1 if flat.shape[-1] > 1 else 0
+    return flat.mean(dim=-1), (flat.var(dim=-1, correction=correction) + eps).sqrt()
 
 
 class ResBlock(nn.Module):
