@@ -136,7 +136,10 @@ def save_ema(ema: EMA | None, checkpoint: dict) -> None:
 def restore_ema(ema: EMA | None, checkpoint: dict) -> None:
     """``on_load_checkpoint`` side (runs before the module's strict state-dict load): the
     averages go back into the EMA, or are dropped by a run that keeps none."""
+    state = checkpoint.get("state_dict")
+    if state is None:  # a hyper-parameter check only: no weights to restore
+        return
     if ema is not None:
-        ema.load_from(checkpoint["state_dict"])
+        ema.load_from(state)
     else:
-        pop_averages(checkpoint.get("state_dict", {}), "checkpoint")
+        pop_averages(state, "checkpoint")
