@@ -254,9 +254,12 @@ class VistokCLI(LightningCLI):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(ResultsJSON(run_dir / "results.json"))
         callbacks.append(RunSummary(run_dir, self.config.progress_seconds))
-        has_bar = any(isinstance(c, ProgressBar) for c in own)
-        if config.get("enable_progress_bar") is not False and not has_bar:
-            callbacks.append(StepProgressBar())
+        if not any(isinstance(c, ProgressBar) for c in own):
+            if not sys.stdout.isatty():
+                # A log file gets RunSummary's progress lines, not a bar redrawn with \r.
+                config["enable_progress_bar"] = False
+            elif config.get("enable_progress_bar") is not False:
+                callbacks.append(StepProgressBar())
         callbacks.append(RngState())  # exact resume: the generators travel in the checkpoint
         return super()._instantiate_trainer(config, callbacks)
 

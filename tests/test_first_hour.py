@@ -13,6 +13,7 @@ from helpers import ROOT, run
 
 SHORT = [
     "--trainer.max_steps=4",
+    "--trainer.log_every_n_steps=1",
     "--trainer.val_check_interval=2",
     "--trainer.limit_val_batches=1",
     "--model.init_args.tokenizer.init_args.channels=16",
