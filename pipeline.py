@@ -136,7 +136,8 @@ def stages(out: Path, preset: dict[str, Any], shown: bool = False) -> list[Stage
             [
                 _python(script("export.py"), "--ckpt", str(tok_ckpt), "--ema", "--out")
                 + [str(out / "export" / "tokenizer")],
-                _python(script("export.py"), "--ckpt", str(gen_ckpt), "--ema", "--out")
+                # The GPT trains without an EMA (LlamaGen's recipe): its own weights.
+                _python(script("export.py"), "--ckpt", str(gen_ckpt), "--out")
                 + [str(out / "export" / "generator")],
             ],
         ),
