@@ -37,7 +37,7 @@ OFFICIAL: dict[tuple[str, str], tuple[float, str]] = {
     ("GPT", "L"): (343.0, "LlamaGen paper"),
     ("GPT", "XL"): (775.0, "LlamaGen paper"),
     ("GPT", "XXL"): (1400.0, "LlamaGen paper"),
-    ("VQ", "f16_c16384"): (72.0, "LlamaGen paper (VQ-16)"),
+    ("VQ", "llamagen_vq16"): (72.0, "LlamaGen paper (VQ-16)"),
     # DiT (arXiv 2212.09748) Table 1, patch 2 on 32x32x4 SD-VAE latents.
     ("DiT", "S"): (33.0, "DiT paper"),
     ("DiT", "B"): (130.0, "DiT paper"),
