@@ -167,7 +167,7 @@ def gmm_nll(z: np.ndarray, sizes: list[int], seed: int) -> dict[int, float]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--tok-steps", type=int, default=300)
     p.add_argument("--dit-steps", type=int, default=600)

@@ -34,7 +34,7 @@ FORMATS: dict[str, Converter] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m vistok.convert", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        allow_abbrev=False, prog="python -m vistok.convert", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("format", choices=sorted(FORMATS), help="the checkpoint's format")
     p.add_argument("checkpoint", help="the reference checkpoint file (or folder, per format)")

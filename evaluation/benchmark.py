@@ -284,7 +284,9 @@ def plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Benchmark tokenizers of any family, one protocol.")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="Benchmark tokenizers of any family, one protocol."
+    )
     p.add_argument("--tokenizers", nargs="+", required=True, help=".ckpt, folder or Hub id")
     p.add_argument("--data", required=True, help="validation image shards (spec)")
     p.add_argument("--num-images", type=int, default=50_000, help="images (total over ranks)")

@@ -227,7 +227,9 @@ def write_ref_batch(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description="Write an ADM-format reference batch from shards.")
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, description="Write an ADM-format reference batch from shards."
+    )
     p.add_argument("--shards", required=True, help="image shard spec (brace pattern, path, ::)")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--num-images", type=int, default=50_000, help="at most this many images")

@@ -315,7 +315,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--generator", required=True, help="AR generator checkpoint or folder")
     p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the generator's")
     p.add_argument("--shards", help="real image shards (brace pattern); default: embedded data")

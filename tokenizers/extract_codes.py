@@ -141,7 +141,7 @@ def extract(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="tokenizer training checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="output folder (shards + meta.json)")
     p.add_argument("--shards", help="image shards (brace pattern); default: embedded dataset")
