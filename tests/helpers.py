@@ -71,16 +71,18 @@ class SignalAtStep(pl.Callback):
 
 
 class PoisonAtStep(pl.Callback):
-    """Fills every floating weight and buffer with NaN once step ``step`` is done (a diverged
-    run, on cue)."""
+    """Fills every floating weight, buffer and EMA average with NaN once step ``step`` is done
+    (a diverged run, on cue)."""
 
     def __init__(self, step: int):
         self.step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
+            ema = getattr(pl_module, "ema", None)  # the averages live outside the module tree
+            averages = ema.shadows if ema is not None else []
             with torch.no_grad():
-                for t in [*pl_module.parameters(), *pl_module.buffers()]:
+                for t in [*pl_module.parameters(), *pl_module.buffers(), *averages]:
                     if t.is_floating_point():
                         t.fill_(float("nan"))
 
