@@ -61,10 +61,8 @@ class AdaptiveGroupNorm(nn.Module):
     """GroupNorm without affine whose scale/bias come from the pooled latent statistics (WeTok).
 
     ``scale = to_scale(std(z))``, ``bias = to_bias(mean(z))`` with ``z`` the decoder's input
-    latent (B, z_channels, h, w): WeTok's definition (scale not offset by 1). Initialised as a
-    plain GroupNorm (``to_scale`` bias 1, other weights 0) so that training starts from an
-    unconditioned decoder; WeTok's public code keeps PyTorch's default Linear initialisation
-    (the released weights, loaded by conversion, are the same either way).
+    latent (B, z_channels, h, w): WeTok's definition, scale not offset by 1, and PyTorch's default
+    Linear initialisation as in its public code.
     """
 
     def __init__(self, channels: int, z_channels: int, groups: int | None = None):
@@ -72,10 +70,6 @@ class AdaptiveGroupNorm(nn.Module):
         self.norm = nn.GroupNorm(_groups(channels, groups), channels, eps=1e-6, affine=False)
         self.to_scale = nn.Linear(z_channels, channels)
         self.to_bias = nn.Linear(z_channels, channels)
-        for layer in (self.to_scale, self.to_bias):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-        nn.init.ones_(self.to_scale.bias)
 
     def forward(self, x: Tensor, cond: tuple[Tensor, Tensor]) -> Tensor:
         mean, std = cond  # (B, Z) each
