@@ -520,11 +520,16 @@ class StreamLoader(wds.WebLoader):
             used = self.consumed_source() if self.consumed_source is not None else None
             used = max(self._snapshots) if used is None else used
             mine = self._snapshots.get(used)
-            if mine is None and used != 0:  # 0: the next pass has not started, nothing to skip
-                raise RuntimeError(
-                    f"training has used {used} batches of this pass, but the stream only knows "
-                    f"the positions after {sorted(self._snapshots)}"
+            if mine is None and used != 0 and self._snapshots:
+                # After a resume the loop's count includes the batches before it; the newest
+                # position is the one the loop has consumed up to (the fetcher reads one ahead
+                # at most, and that batch is replayed rather than lost).
+                warnings.warn(
+                    f"training has used {used} batches of this pass; saving the stream position "
+                    f"after batch {max(self._snapshots)} of this process",
+                    stacklevel=2,
                 )
+                mine = self._snapshots[max(self._snapshots)]
         stream = self.stream
         states = [None] * stream.world_size
         if dist.is_available() and dist.is_initialized() and stream.world_size > 1:
