@@ -6,6 +6,10 @@ each ``torch.Generator`` held as an attribute by a module of the LightningModule
 noise generators; found by walking the module tree, keyed by module path and attribute name).
 The data streams keep their own position (``vistok.data.stream.StreamLoader.state_dict``).
 
+Under DDP each rank's generators are saved (gathered into the checkpoint rank 0 writes) and each
+rank restores its own: ranks whose draws differ in number (a rank-dependent mask, a data-dependent
+retry) stay exact. A checkpoint from a different number of ranks gives every rank rank 0's states.
+
 The states are restored at ``on_train_start``, after the sanity-check validation, and every
 validation pass runs on a fork of the generators (the states are put back when it ends), so that
 validation, which a resumed run does not repeat at the same steps, never shifts training's draws.
@@ -19,6 +23,20 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+
+FORMAT = "vistok-rng-v2"
+
+
+def gather_ranks(value: Any, rank: int, world_size: int) -> list[Any]:
+    """``value`` from every rank, listed by rank: a collective under DDP (every rank calls it, in
+    the same order), ``[None, ..., value, ..., None]`` without a process group."""
+    values = [None] * world_size
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(values, value)
+    else:
+        values[rank] = value
+    return values
 
 
 def module_generators(module: torch.nn.Module) -> dict[str, torch.Generator]:
@@ -70,22 +88,31 @@ class RngState(pl.Callback):
     def __init__(self):
         self._loaded: dict[str, Any] | None = None
         self._before_validation: dict[str, Any] | None = None
-        self._module: torch.nn.Module | None = None
+        self._trainer: pl.Trainer | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._module = pl_module
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
         # A checkpoint written during validation records training's generators, not the fork.
-        return self._before_validation or capture(self._module)
+        trainer = self._trainer
+        module = None if trainer is None else trainer.lightning_module
+        mine = self._before_validation or capture(module)
+        rank, world_size = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        return {"format": FORMAT, "ranks": gather_ranks(mine, rank, world_size)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self._loaded is not None:
-            restore(self._loaded, pl_module)
-            self._loaded = None
+        loaded, self._loaded = self._loaded, None
+        if loaded is None:
+            return
+        if loaded.get("format") == FORMAT:
+            ranks = loaded["ranks"]
+            same_ranks = len(ranks) == trainer.world_size
+            loaded = ranks[trainer.global_rank if same_ranks else 0]
+        restore(loaded, pl_module)  # (an older checkpoint holds one state for every rank)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._before_validation = capture(pl_module)

@@ -27,11 +27,11 @@ from itertools import islice
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from vistok.common.resume import gather_ranks
 from vistok.data.image_decode import SHARD_REASON, SKIP_REASONS, ImageDecoder, parse_label
 
 
@@ -531,18 +531,13 @@ class StreamLoader(wds.WebLoader):
                 )
                 mine = self._snapshots[max(self._snapshots)]
         stream = self.stream
-        states = [None] * stream.world_size
-        if dist.is_available() and dist.is_initialized() and stream.world_size > 1:
-            dist.all_gather_object(states, mine)
-        else:
-            states[stream.rank] = mine
         return {
             "format": "vistok-stream-v1",
             "seed": stream.seed,
             "world_size": stream.world_size,
             "num_workers": self.num_workers,
             "batches_per_epoch": self.batches_per_epoch,
-            "ranks": states,
+            "ranks": gather_ranks(mine, stream.rank, stream.world_size),
         }
 
     def load_state_dict(self, state: dict) -> None:

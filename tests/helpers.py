@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,19 @@ def class_shards(tmp_path: Path, monkeypatch, per_class: int) -> str:
     size = str(per_class)
     run(["-m", "vistok.data.make_shards", images, shards, "--classes", "--shard-size", size])
     return str(tmp_path / "shards" / "train-{000000..000001}.tar")
+
+
+class RankDraws(pl.Callback):
+    """Draws ``1 + rank`` numbers from torch's global generator at every training step, so that
+    the ranks' generators part ways, and writes them to ``draws_rank<R>.json`` in the run folder:
+    a resumed run continues each rank's own sequence only if each rank's state was saved."""
+
+    def __init__(self):
+        self.draws: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.draws.append(torch.rand(1 + trainer.global_rank).tolist())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / f"draws_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.draws))

@@ -1,13 +1,18 @@
-"""The same train.py under torchrun: 2 processes on one node, and 2 single-process "nodes"."""
+"""The same train.py under torchrun: 2 processes on one node, and 2 single-process "nodes"; and
+exact resume with 2 processes."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TINY
+import torch
+from helpers import ROOT, TINY, class_shards
+from test_resume_cli import FALLBACK, keys, same_checkpoints, tokenizer_args
 
+from vistok.common.checkpoints import read_checkpoint
 from vistok.data.default_dataset import num_samples
 
 
@@ -59,10 +64,13 @@ def _check_audits(run_dir, world: int) -> None:
         assert shards == {a["rank"], a["rank"] + 2}
 
 
-def _torchrun(args, extra, timeout=600):
+def _torchrun(args, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", *extra, *args]
+    # ``tests/`` importable in the ranks, for callbacks given as ``helpers.<Name>``.
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT / "tests")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     return subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -94,3 +102,47 @@ def test_two_nodes_on_loopback(tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-5000:]
     _check_audits(tmp_path, 2)
+
+
+def _two_processes(args) -> str:
+    proc = _torchrun(args, ["--standalone", "--nproc_per_node=2"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_for_bit(tmp_path, monkeypatch):
+    """10 straight steps == 5 + resume + 5 with 2 ranks: final weights, optimizer and each rank's
+    stream position and generators equal, and each rank trained on the same batches. The ranks
+    read different shards and draw different amounts from their generators (``RankDraws``), so
+    restoring rank 0's state on both would show."""
+    shards = class_shards(tmp_path, monkeypatch, per_class=4)  # one shard per rank
+    args = [
+        *tokenizer_args(shards, perturb=False),  # 3 batches an epoch: step 5 is mid-epoch
+        "--trainer.devices=2",
+        "--trainer.callbacks+=helpers.RankDraws",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _two_processes([*args, "--trainer.max_steps=10", f"--run_dir={straight}"])
+    mid = straight / "checkpoints" / "step0000005.ckpt"
+    out = _two_processes(
+        [*args, "--trainer.max_steps=10", f"--run_dir={resumed}", f"--ckpt_path={mid}"]
+    )
+    assert FALLBACK not in out, out[-3000:]
+
+    # Rank 0 wrote the checkpoint, holding both ranks' stream positions and generators.
+    ckpt = read_checkpoint(mid)
+    streams = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["ranks"]
+    generators = ckpt["callbacks"]["RngState"]["ranks"]
+    assert len(streams) == len(generators) == 2 and None not in streams
+    assert not torch.equal(generators[0]["torch"], generators[1]["torch"])
+    step10 = "checkpoints/step0000010.ckpt"
+    same_checkpoints(straight / step10, resumed / step10)
+    for rank in range(2):  # 2 samples a batch: the resumed run's 5 steps are the last 10
+        assert len(keys(resumed, rank)) == 10 and keys(straight, rank)[10:] == keys(resumed, rank)
+        draws = [
+            json.loads((d / f"draws_rank{rank}.json").read_text()) for d in (straight, resumed)
+        ]
+        assert draws[0][5:] == draws[1]
+    assert not set(keys(straight, 0)) & set(keys(straight, 1))  # each rank its own shard

@@ -1,7 +1,8 @@
 """Exact resume through the real CLI: 10 straight steps == 5 steps + ``--ckpt_path`` + 5 steps,
 bit for bit (every weight, buffer, EMA shadow and optimizer state) and batch for batch (the
 sample keys each run trained on), from an end-of-run checkpoint and from a mid-run one, for a GAN
-tokenizer with EMA and latent perturbation and for the GPT on extracted codes."""
+tokenizer with EMA and latent perturbation and for the GPT on extracted codes; and a checkpoint
+written by a resumed run, in the middle of the pass it resumed, resumes exactly too."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from test_ar_cli import TINY_VQ
 from vistok.common.checkpoints import read_checkpoint
 
 AUDIT = "--trainer.callbacks+=vistok.common.audit.DistributedAudit"
+# StreamLoader's warning when it cannot tell exactly where training stands in the stream.
+FALLBACK = "saving the stream position after batch"
 
 
 def tokenizer_args(shards: str, perturb: bool = True) -> list[str]:
@@ -44,8 +47,9 @@ def tokenizer_args(shards: str, perturb: bool = True) -> list[str]:
     ]
 
 
-def keys(run_dir) -> list[str]:
-    return json.loads((run_dir / "audit_rank0.json").read_text())["train_keys"]
+def keys(run_dir, rank: int = 0) -> list[str]:
+    """The sample keys rank ``rank`` trained on, in order."""
+    return json.loads((run_dir / f"audit_rank{rank}.json").read_text())["train_keys"]
 
 
 def same_tree(a, b, where="") -> None:
@@ -63,6 +67,24 @@ def same_tree(a, b, where="") -> None:
         assert a == b, where
 
 
+def same_checkpoints(want_path, got_path) -> None:
+    """Weights, buffers, EMA, optimizer states, the stream's position on every rank and every
+    rank's generators: all equal."""
+    want, got = read_checkpoint(want_path), read_checkpoint(got_path)
+    assert got["global_step"] == want["global_step"]
+    same_tree(want["state_dict"], got["state_dict"], "state_dict")
+    same_tree(want["optimizer_states"], got["optimizer_states"], "optimizer_states")
+    loader = want["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    same_tree(loader, got["loops"]["fit_loop"]["state_dict"]["combined_loader"], "stream")
+    same_tree(want["callbacks"]["RngState"], got["callbacks"]["RngState"], "generators")
+
+
+def resume(args: list[str]) -> None:
+    """A resumed run that knew exactly where it stood in the stream at every checkpoint."""
+    proc = run(args)
+    assert FALLBACK not in proc.stderr, proc.stderr[-3000:]
+
+
 def check_resumes(tmp_path, args: list[str]) -> None:
     straight, first = tmp_path / "straight", tmp_path / "first"
     run([*args, "--trainer.max_steps=10", f"--run_dir={straight}"])
@@ -73,15 +95,12 @@ def check_resumes(tmp_path, args: list[str]) -> None:
     resumed_end, resumed_mid = tmp_path / "resumed_end", tmp_path / "resumed_mid"
     shutil.copytree(first, resumed_end)
     (resumed_end / "audit_rank0.json").unlink()
-    run([*args, "--trainer.max_steps=10", f"--run_dir={resumed_end}", "--ckpt_path=last"])
-    run([*args, "--trainer.max_steps=10", f"--run_dir={resumed_mid}", f"--ckpt_path={mid}"])
+    resume([*args, "--trainer.max_steps=10", f"--run_dir={resumed_end}", "--ckpt_path=last"])
+    resume([*args, "--trainer.max_steps=10", f"--run_dir={resumed_mid}", f"--ckpt_path={mid}"])
 
-    want = read_checkpoint(straight / "checkpoints" / "step0000010.ckpt")
     for resumed in (resumed_end, resumed_mid):
-        got = read_checkpoint(resumed / "checkpoints" / "step0000010.ckpt")
-        assert got["global_step"] == want["global_step"]
-        same_tree(want["state_dict"], got["state_dict"], "state_dict")
-        same_tree(want["optimizer_states"], got["optimizer_states"], "optimizer_states")
+        step10 = "checkpoints/step0000010.ckpt"
+        same_checkpoints(straight / step10, resumed / step10)
         assert keys(first) + keys(resumed) == keys(straight)
     assert len(set(keys(straight))) < len(keys(straight))  # several epochs: a resume crosses one
 
@@ -142,3 +161,31 @@ def test_gpt_on_codes_resumes_bit_for_bit(tmp_path, monkeypatch):
         AUDIT,
     ]
     check_resumes(tmp_path, args)
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_a_resumed_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """12 straight steps == 4 + resume + 4 + resume + 4: the step-8 checkpoint comes from a run
+    that resumed mid-epoch and is itself in the middle of the pass it resumed (10 batches an
+    epoch), the last leg crosses into the next epoch."""
+    shards = class_shards(tmp_path, monkeypatch, per_class=4)
+    args = [*tokenizer_args(shards, perturb=False), "--data.init_args.batches_per_epoch=10"]
+    args += ["--trainer.val_check_interval=4"]  # checkpoints at steps 4, 8, 12
+    straight, chained = tmp_path / "straight", tmp_path / "chained"
+    run([*args, "--trainer.max_steps=12", f"--run_dir={straight}"])
+    step = "checkpoints/step{:07d}.ckpt".format
+    resume(
+        [
+            *args,
+            "--trainer.max_steps=8",
+            f"--run_dir={chained}",
+            f"--ckpt_path={straight / step(4)}",
+        ]
+    )
+    second = keys(chained)
+    resume([*args, "--trainer.max_steps=12", f"--run_dir={chained}", "--ckpt_path=last"])
+    for n in (8, 12):
+        same_checkpoints(straight / step(n), chained / step(n))
+    # Two samples a batch: steps 5-8 and 9-12 trained on what the straight run trained on.
+    assert second + keys(chained) == keys(straight)[8:]
+    assert len(keys(chained)) == 8
