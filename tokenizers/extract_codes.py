@@ -137,7 +137,8 @@ def extract(
     float16: bool = False,
 ) -> dict | None:
     """Encode ``shards`` (or the embedded dataset's ``split``) into ``out``; returns meta.json on
-    rank 0 (None on the other ranks of a multi-process run)."""
+    rank 0 (None on the other ranks of a multi-process run). The process group stays up, so a
+    script can extract several splits in a row; ``main`` ends it."""
     rank, world, dev = process_setup()
     if device != "auto":
         if world == 1:
@@ -197,7 +198,6 @@ def extract(
         (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
     if world > 1:
         dist.barrier()  # no rank returns before meta.json is written
-        dist.destroy_process_group()
     return meta if rank == 0 else None
 
 
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         a.device,
         a.float16,
     )
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if meta is None:  # not rank 0
         return None
     info = meta["splits"][a.split]
