@@ -140,10 +140,10 @@ def extract(
     rank 0 (None on the other ranks of a multi-process run). The process group stays up, so a
     script can extract several splits in a row; ``main`` ends it."""
     rank, world, dev = process_setup()
-    if device != "auto":
+    if device != "auto":  # the launcher's device per rank wins over one named for all
         if world == 1:
             dev = torch.device(device)
-        elif rank == 0 and torch.device(device) != dev:
+        elif rank == 0 and str(torch.device(device)) not in (str(dev), dev.type):
             print(f"note: --device {device} ignored: each of the {world} processes uses {dev.type}")
     tokenizer, identity = read_tokenizer(tokenizer_path, ema, dev)
     out_dir = Path(out)
