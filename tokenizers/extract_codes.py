@@ -16,7 +16,8 @@ different tokenizer. See ``vistok.data.codes`` for the format.
 Under torchrun each process encodes its share of the images (whole shards when there are at least
 as many as processes, else every world_size-th sample) on its own device and writes its own shards,
 ``{split}-r{rank:03d}-000000.tar`` ...; rank 0 collects only their names, counts and latent sums
-(never codes) and writes ``meta.json``. The codes do not depend on the number of processes.
+(never codes) and writes ``meta.json``. Discrete codes do not depend on the number of processes;
+float latents only to rounding (a batch's composition changes the kernels' summation order).
 (``python -m vistok.tokenizers.extract_codes`` is the same command.)
 """
 
