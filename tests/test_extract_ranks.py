@@ -18,9 +18,10 @@ import torch.multiprocessing as mp
 from test_ar_cli import TINY_VQ, image_shards
 from test_rank_parts import free_port
 
-from vistok.data.codes import CodeDataModule
+from vistok.data.codes import CodeDataModule, LatentStats
+from vistok.data.image_decode import SHARD_REASON
 from vistok.tokenizers import extract_codes
-from vistok.tokenizers.extract_codes import extract
+from vistok.tokenizers.extract_codes import RankShare, extract, merge_shares
 from vistok.tokenizers.gaussian import KLTokenizer
 from vistok.tokenizers.vq import VQTokenizer
 
@@ -149,3 +150,30 @@ def test_two_process_extraction_writes_the_codes_of_one(tmp_path):
                 view = torch.from_numpy(np.load(io.BytesIO(expected[key]))[0])
                 torch.testing.assert_close(codes, view.to(codes.dtype), rtol=1e-5, atol=1e-6)
         assert sorted(seen) == sorted(expected)
+
+
+def test_shares_merge_into_the_whole_splits_numbers():
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(7, 3, 4, 4)) * [[[2.0]], [[0.5]], [[1.0]]]  # (N, C, H, W)
+    whole, shares = LatentStats(), []
+    whole.update(latents)
+    # Rank 2 got no image: no shard, no label, no sums.
+    for r, (rows, top) in enumerate([(latents[:4], 2), (latents[4:], 1), (latents[:0], -1)]):
+        stats = LatentStats()
+        if len(rows):
+            stats.update(rows)
+        names = [f"train-r{r:03d}-000000.tar"] if len(rows) else []
+        skipped = {"corrupt": r, SHARD_REASON: 1}
+        shares.append(RankShare(names, len(rows), top, skipped, stats))
+    merged = merge_shares(shares, by_shard=True, continuous=True)
+    assert merged["shards"] == ["train-r000-000000.tar", "train-r001-000000.tar"]
+    assert (merged["count"], merged["num_classes"]) == (7, 3)
+    assert merged["skipped"] == {"corrupt": 3, SHARD_REASON: 3}  # disjoint shards: summed
+    for field in ("mean", "std", "count"):
+        np.testing.assert_allclose(
+            merged["latent_stats"][field], whole.as_dict()[field], rtol=1e-12
+        )
+    # Ranks that all read every shard each met the same unreadable one.
+    by_sample = merge_shares(shares, by_shard=False, continuous=False)
+    assert by_sample["skipped"] == {"corrupt": 3, SHARD_REASON: 1}
+    assert "latent_stats" not in by_sample
