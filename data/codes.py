@@ -1,7 +1,8 @@
 """Pre-extracted tokenizer codes: the shard format and their DataModule.
 
 A code folder (written by ``python -m vistok.data.extract_codes``) holds WebDataset shards
-``{split}-000000.tar`` ... and ``meta.json``. Each sample is ``codes.npy`` (int16 or int32 codes
+``{split}-000000.tar`` ... (``{split}-r003-000000.tar`` ...: written by process 3 of a
+multi-process extraction) and ``meta.json``. Each sample is ``codes.npy`` (int16 or int32 codes
 of shape ``(A, *token_shape[, F])``, or float32 / float16 latents ``(A, channels, *token_shape)``
 for continuous tokenizers; A = 1 view, or 2 with ``--flip``: the image and its mirror, as in
 LlamaGen's extraction) and ``cls`` (the label, -1 when unlabelled). ``meta.json`` names the
@@ -54,6 +55,16 @@ class LatentStats:
         else:
             self.total, self.squares = self.total + total, self.squares + squares
         self.count += x.shape[1]
+
+    def add(self, other: LatentStats) -> None:
+        """Adds the sums of another, disjoint set of latents (another process's share)."""
+        if other.total is None:
+            return
+        if self.total is None:
+            self.total, self.squares = other.total.copy(), other.squares.copy()
+        else:
+            self.total, self.squares = self.total + other.total, self.squares + other.squares
+        self.count += other.count
 
     def as_dict(self) -> dict[str, Any]:
         mean = self.total / self.count

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vistok.common.images import save_grid, to_uint8
+from vistok.common.processes import process_setup
 from vistok.common.rank_parts import PartSet, PartWriter, write_npz_stream
 from vistok.common.results import code_version
 from vistok.evaluation.adm import ADMMetrics
@@ -92,24 +92,10 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); starts the process group under torchrun (NCCL on GPUs, else
-    gloo)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local)
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
 def sample(args: argparse.Namespace) -> dict[str, Any] | None:
     """Sample, write the outputs and results.json; returns the results on rank 0. ``args``
     holds sample.py's options (``vistok.generators.sample_cli.parse_args``)."""
-    rank, world, device = init_distributed()
+    rank, world, device = process_setup()
     gen = load_generator(args.generator, args.ema, device)
     tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)
     sampler = make_sampler(args, gen.model, tok.tokenizer)

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vistok.common.images import to_uint8
+from vistok.common.processes import process_setup
 from vistok.data.codes import code_dtype, encode_codes
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.default_dataset import default_shards
@@ -50,7 +51,6 @@ from vistok.data.pairs import FORMAT, META, sample_seed
 from vistok.data.stream import expand_shards
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
-from vistok.generators.inference import init_distributed
 from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig
 from vistok.generators.teacher_forcing import partially_denoised, teacher_forced
 from vistok.tokenizers.checkpoint import TokenizerMismatch, recorded_source, resolve_tokenizer
@@ -216,7 +216,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
     """Write the pairs of ``args.shards`` into ``args.out``; returns meta.json on rank 0."""
     if not 0.0 <= args.preservation <= 1.0:
         raise SystemExit(f"error: --preservation must be in [0, 1], got {args.preservation}")
-    rank, world, device = init_distributed()
+    rank, world, device = process_setup()
     gen = load_generator(args.generator, args.ema, device)
     model = gen.model
     tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)

@@ -2,6 +2,7 @@
 
     python -m vistok.data.extract_codes --tokenizer runs/vq/checkpoints/last.ckpt --out codes/ \
         [--shards '/data/train-{000000..001023}.tar'] [--split train] [--flip]
+    torchrun --nproc_per_node=8 -m vistok.data.extract_codes ...   # same arguments
 
 Without ``--shards`` the embedded default dataset's ``--split`` is encoded. Images are
 centre-cropped to the tokenizer's resolution; ``--flip`` also stores the codes of the mirrored
@@ -10,31 +11,36 @@ Gaussian tokens) are stored as float32 (``--float16`` halves the size) and the s
 mean and std go into ``meta.json``. The tokenizer runs in eval mode with
 its EMA weights when the checkpoint has them (``--no-ema`` for the raw ones). Run it once per
 split into the same folder; ``meta.json`` there records the tokenizer's identity and refuses a
-different tokenizer. See ``vistok.data.codes`` for the format. (``python -m
-vistok.tokenizers.extract_codes`` is the same command.)
+different tokenizer. See ``vistok.data.codes`` for the format.
+
+Under torchrun each process encodes its share of the images (whole shards when there are at least
+as many as processes, else every world_size-th sample) on its own device and writes its own shards,
+``{split}-r{rank:03d}-000000.tar`` ...; rank 0 collects only their names, counts and latent sums
+(never codes) and writes ``meta.json``. Discrete codes do not depend on the number of processes;
+float latents only to rounding (a batch's composition changes the kernels' summation order).
+(``python -m vistok.tokenizers.extract_codes`` is the same command.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from vistok.common.processes import process_setup
 from vistok.data.codes import FORMAT, META, LatentStats, code_dtype, decode_codes, encode_codes
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.default_dataset import default_shards
+from vistok.data.image_decode import SHARD_REASON
 from vistok.data.make_shards import write_shards
 from vistok.tokenizers.checkpoint import read_tokenizer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _base_meta(out: Path, tokenizer, identity: dict, float16: bool = False) -> dict:
@@ -78,6 +84,46 @@ def encoded_samples(tokenizer, loader, device: torch.device, flip: bool, dtype, 
             yield sample, label
 
 
+class RankShare(NamedTuple):
+    """What one process extracted: its shard names and counts, and its latents' sums."""
+
+    shards: list[str]
+    count: int
+    max_label: int
+    skipped: dict[str, int]
+    stats: LatentStats
+
+
+def merge_shares(shares: list[RankShare], by_shard: bool, continuous: bool) -> dict:
+    """The split's entry of meta.json from every rank's share. ``by_shard``: ranks read disjoint
+    shards; else every rank read every shard, so each counted the same unreadable ones."""
+    skipped = {}
+    for reason in shares[0].skipped:
+        counts = [s.skipped[reason] for s in shares]
+        skipped[reason] = max(counts) if reason == SHARD_REASON and not by_shard else sum(counts)
+    info = {
+        "shards": [name for s in shares for name in s.shards],
+        "count": sum(s.count for s in shares),
+        "num_classes": max(s.max_label for s in shares) + 1,
+        "skipped": skipped,
+    }
+    if continuous and info["count"]:
+        stats = LatentStats()
+        for s in shares:
+            stats.add(s.stats)
+        info["latent_stats"] = stats.as_dict()
+    return info
+
+
+def remove_stale_shards(out: Path, split: str, keep: list[str]) -> None:
+    """Deletes the split's shards of an earlier extraction (longer, or run with another number
+    of processes) that ``keep`` does not list; other splits' shards are left alone."""
+    own = re.compile(rf"{re.escape(split)}-(r\d+-)?\d{{6}}\.tar")
+    for path in out.glob(f"{split}-*.tar"):
+        if own.fullmatch(path.name) and path.name not in keep:
+            path.unlink()
+
+
 def extract(
     tokenizer_path: str,
     out: str,
@@ -90,12 +136,21 @@ def extract(
     shard_size: int = 5000,
     device: str = "auto",
     float16: bool = False,
-) -> dict:
-    """Encode ``shards`` (or the embedded dataset's ``split``) into ``out``; returns meta.json."""
-    dev = pick_device(device)
+) -> dict | None:
+    """Encode ``shards`` (or the embedded dataset's ``split``) into ``out``; returns meta.json on
+    rank 0 (None on the other ranks of a multi-process run). The process group stays up, so a
+    script can extract several splits in a row; ``main`` ends it."""
+    rank, world, dev = process_setup()
+    if device != "auto":  # the launcher's device per rank wins over one named for all
+        if world == 1:
+            dev = torch.device(device)
+        elif rank == 0 and str(torch.device(device)) not in (str(dev), dev.type):
+            print(f"note: --device {device} ignored: each of the {world} processes uses {dev.type}")
     tokenizer, identity = read_tokenizer(tokenizer_path, ema, dev)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Every rank reads meta.json (only rank 0 writes it, at the end): all refuse a folder of
+    # another tokenizer alike, so none is left waiting for the others.
     meta = _base_meta(out_dir, tokenizer, identity, float16)
     if shards is None:
         shards = default_shards(split)
@@ -105,7 +160,7 @@ def extract(
         val_batch_size=batch_size,
         num_workers=num_workers,
     )
-    loader = data.val_dataloader(rank=0, world_size=1)  # every image once, centre crop
+    loader = data.val_dataloader(rank=rank, world_size=world)  # this rank's images, centre crop
     dtype = np.dtype(meta["dtype"])
     continuous = meta["code_space"]["kind"] == "continuous"
     labels: list[int] = []
@@ -118,29 +173,36 @@ def extract(
                 stats.update(decode_codes(sample["codes.npy"]))  # (A, C, *S)
             yield sample
 
-    with torch.inference_mode(), tqdm(unit="img", desc=f"{split} codes") as progress:
-        paths = write_shards(samples(progress), out_dir, split, shard_size)
-    if not paths:
+    prefix = split if world == 1 else f"{split}-r{rank:03d}"  # each rank writes its own shards
+    desc = f"{split} codes" + (f" (rank 0 of {world})" if world > 1 else "")
+    with torch.inference_mode(), tqdm(unit="img", desc=desc, disable=rank != 0) as progress:
+        paths = write_shards(samples(progress), out_dir, prefix, shard_size)
+    share = RankShare(
+        [Path(p).name for p in paths],
+        len(labels),
+        max(labels, default=-1),
+        data.val_stats.as_dict(),
+        stats,
+    )
+    # A few numbers and names per rank, on every rank: all know the totals and fail alike.
+    shares = [share]
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+    split_meta = merge_shares(shares, len(data.val_urls()) >= world, continuous)
+    if not split_meta["count"]:
         raise SystemExit(f"error: no readable images in {shards}")
-    names = [Path(p).name for p in paths]
-    for stale in out_dir.glob(f"{split}-*.tar"):  # shards of an earlier, longer extraction
-        if stale.name not in names:
-            stale.unlink()
-    meta["splits"][split] = {
-        "shards": names,
-        "count": len(labels),
-        "views": 2 if flip else 1,
-        "num_classes": max(labels) + 1,
-        "source": shards,
-        "skipped": data.val_stats.as_dict(),
-    }
-    if continuous:
-        meta["splits"][split]["latent_stats"] = stats.as_dict()
-    (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
+    if rank == 0:
+        remove_stale_shards(out_dir, split, split_meta["shards"])
+        split_meta.update(views=2 if flip else 1, source=shards)
+        meta["splits"][split] = split_meta
+        (out_dir / META).write_text(json.dumps(meta, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()  # no rank returns before meta.json is written
+    return meta if rank == 0 else None
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="tokenizer training checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="output folder (shards + meta.json)")
@@ -167,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
         a.device,
         a.float16,
     )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if meta is None:  # not rank 0
+        return None
     info = meta["splits"][a.split]
     print(
         f"{info['count']} code maps ({info['views']} view(s)) in {len(info['shards'])} shards "
