@@ -79,6 +79,7 @@ def run(command: list[str], log_path: Path) -> dict:
         for line in proc.stdout:
             now = time.perf_counter()
             log.write(line)
+            log.flush()
             if now - last_sample >= 5.0:
                 loads.append(os.getloadavg()[0])
                 last_sample = now
