@@ -137,7 +137,10 @@ def main() -> None:
     train_seconds = t["span"] * t["steps"] / max(t["steps"] - 1, 1)
     fig = final_figures(run_dir)
     psnr, l1 = fig.get("val/psnr"), fig.get("val/l1")
-    usage = fig.get("val/codebook_usage", fig.get("val/quant_usage"))
+    # The whole-pass histogram when an evaluation callback ran, else the per-batch one
+    # (docs/metrics.md: val/codebook_usage vs val/quant_usage).
+    usage_name = "val/codebook_usage" if "val/codebook_usage" in fig else "val/quant_usage"
+    usage = fig.get(usage_name)
     grids = sorted((run_dir / "images").glob("recon_*.png"))
     loads = t["loads"] or [t["load_after"][0]]
 
@@ -151,7 +154,7 @@ def main() -> None:
             "val L1 (mean-colour baseline)",
             f"{l1:.4f} ({fig.get('val/baseline_l1', float('nan')):.4f})",
         ),
-        ("codebook use", f"{usage:.4f}" if usage is not None else "not logged"),
+        (f"codebook use ({usage_name})", f"{usage:.4f}" if usage is not None else "not logged"),
         ("cores", f"{os.cpu_count()}"),
         ("load avg 1 min: before run", f"{t['load_before'][0]:.2f}"),
         ("  during run (mean / max)", f"{statistics.mean(loads):.2f} / {max(loads):.2f}"),
