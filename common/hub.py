@@ -18,6 +18,7 @@ be edited unseen. A file that is not safetensors at all is named for what it is.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -115,6 +116,12 @@ def _check_integrity(folder: Path, config: dict[str, Any]) -> None:
             f"{folder / CONFIG} was edited after export: it differs from the copy stored in "
             f"{WEIGHTS} in " + "; ".join(edits)
         )
+
+
+def parameter_count(folder: str | Path) -> int:
+    """Numbers stored in a folder's ``model.safetensors``, read from its header alone."""
+    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def resolve_folder(src: str | Path) -> Path:

@@ -3,14 +3,20 @@ bar (output redirected to a file, a cluster log), and a closing summary of what 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import TQDMProgressBar
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 # The figures a closing summary shows, in this order, when the run logged them.
 SUMMARY_METRICS = (
@@ -35,6 +41,51 @@ def _value(v: Any) -> float | None:
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         return float(v)
     return float(v) if isinstance(v, (int, float)) else None
+
+
+def closing_summary(
+    done: str, figures: dict[str, Any] | None = None, paths: dict[str, Any] | None = None
+) -> str:
+    """The one paragraph a command ends with: what it did, its figures and where it wrote them,
+    e.g. ``benchmark: 2 tokenizers on 1000 images; best rFID 3.2. Wrote: table out/x.md.``"""
+    text = done
+    shown = {k: v for k, v in (figures or {}).items() if v is not None}
+    if shown:
+        text += "; " + ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+        )
+    written = {k: v for k, v in (paths or {}).items() if v is not None}
+    if written:
+        text += ". Wrote: " + ", ".join(f"{k} {v}" for k, v in written.items())
+    return text + "."
+
+
+def _batch_size(batch: Any) -> int:
+    """Images in a batch: a tensor, or the first tensor of a tuple/list/dict."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) else len(batch)
+
+
+def batch_progress(
+    batches: Iterable[T], desc: str, total: int | None = None, file=None
+) -> Iterator[T]:
+    """Yields ``batches`` unchanged while a progress bar counts their images towards ``total``
+    (for feature passes: Inception over thousands of images). The bar is drawn only where a
+    person watches it: on a terminal (``file``, default stderr, is a TTY), on global rank 0, and
+    unless ``VISTOK_PROGRESS=0``."""
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    off = not rank0 or os.environ.get("VISTOK_PROGRESS", "1") == "0"
+    # disable=None: tqdm itself turns the bar off when the stream is not a terminal.
+    bar = tqdm(
+        total=total, desc=desc, unit="img", file=file, disable=True if off else None, leave=False
+    )
+    with bar:
+        for batch in batches:
+            yield batch
+            bar.update(_batch_size(batch))
 
 
 class RunSummary(pl.Callback):

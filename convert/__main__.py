@@ -17,6 +17,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from vistok.common.hub import parameter_count
+from vistok.common.summary import closing_summary
 from vistok.convert import diffusers_vae, wetok
 from vistok.convert.common import ConversionError
 from vistok.convert.llamagen import convert_gpt, convert_vq
@@ -63,7 +65,10 @@ def main(argv: list[str] | None = None) -> Path:
         )
     except (ConversionError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
-    print(f"wrote {folder}")
+    files = ", ".join(sorted(f.name for f in Path(folder).iterdir() if f.is_file()))
+    figures = {"parameters": f"{parameter_count(folder) / 1e6:.2f}M", "files": files}
+    done = f"converted the {args.format} checkpoint {args.checkpoint}"
+    print(closing_summary(done, figures, {"export folder": folder}))
     return folder
 
 

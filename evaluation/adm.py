@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from vistok.common.images import uint8_pixels
+from vistok.common.summary import batch_progress
 from vistok.evaluation.fid import FID, _rank_world, frechet_distance_torch, mean_cov
 
 SPATIAL_LAYER = "Mixed_6d.branch1x1"  # TF mixed_6/conv
@@ -71,7 +72,7 @@ def manifold_radii(features: Tensor, k: int = NEIGHBOURS, row_batch: int = 10_00
     if features.shape[0] <= k:
         raise ValueError(f"need more than k={k} points to estimate a manifold, got {len(features)}")
     out = []
-    for block in features.split(row_batch):
+    for block in batch_progress(features.split(row_batch), "k-NN radii", len(features)):
         d = pairwise_sq_distances(block, features)  # (b, N)
         # The smallest distance is the point to itself (0): the k-th neighbour is index k.
         out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])
@@ -81,7 +82,7 @@ def manifold_radii(features: Tensor, k: int = NEIGHBOURS, row_batch: int = 10_00
 def inside(points: Tensor, centres: Tensor, radii: Tensor, row_batch: int = 10_000) -> Tensor:
     """(N,) bool: is each point within some centre's radius (squared distance <= radius)?"""
     out = []
-    for block in points.split(row_batch):
+    for block in batch_progress(points.split(row_batch), "manifold test", len(points)):
         out.append((pairwise_sq_distances(block, centres) <= radii[None]).any(1))
     return torch.cat(out)
 

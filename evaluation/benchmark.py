@@ -49,6 +49,7 @@ import pytorch_lightning as pl
 import torch
 
 import vistok
+from vistok.common.summary import closing_summary
 from vistok.data.datamodule import ImageDataModule
 from vistok.evaluation.callbacks import ReconstructionEval
 from vistok.evaluation.pfid import strength_tag
@@ -344,6 +345,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (out / "benchmark.md").write_text(table + "\n")
         results["plots"] = plots(rows, out)
         (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+        best = min(rows, key=lambda r: r["rfid"], default=None)
+        paths = {"table": out / "benchmark.md", "results": out / "benchmark.json"}
+        paths["plots"] = ", ".join(str(out / p) for p in results["plots"])
+        print(
+            closing_summary(
+                f"benchmark: {len(rows)} of {len(args.tokenizers)} tokenizer(s) evaluated",
+                {"best rFID": f"{best['rfid']:.3f} ({best['name']})" if best else None},
+                paths,
+            )
+        )
     return results
 
 

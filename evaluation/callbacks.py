@@ -46,7 +46,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from vistok.common.images import save_grid
+from vistok.common.images import publish_grid
+from vistok.common.summary import batch_progress
 from vistok.data.default_dataset import VERSION
 from vistok.evaluation.fid import FID
 from vistok.evaluation.metrics import PSNR, SSIM, BitBalance, CodebookUsage
@@ -169,10 +170,13 @@ class ReconstructionEval(pl.Callback):
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
         self._logged = set(values)
         if grid and trainer.is_global_zero:
-            path = (
-                Path(trainer.default_root_dir) / "images" / f"perturb_{trainer.global_step:07d}.png"
-            )
-            save_grid(grid, path)
+            # Continuous tokenizers have no perturbation rows.
+            labels = [
+                "original",
+                "reconstruction",
+                *(f"s={strength_tag(s)}" for s in self.strengths),
+            ]
+            publish_grid(trainer, "perturb", grid, labels[: len(grid)])
 
     def _due(self, trainer: pl.Trainer) -> bool:
         if trainer.state.fn == TrainerFn.VALIDATING or self.every_n_steps <= 0:
@@ -195,7 +199,7 @@ class ReconstructionEval(pl.Callback):
             fid.reset_fake()
         metrics = self._pass_metrics(tokenizer, device)
         grid: list[list[Tensor]] = []
-        for images, keys in self._share(loader, quota, rank):
+        for images, keys in batch_progress(self._share(loader, quota, rank), "rFID/pFID", quota):
             x = images.to(device).float()  # (B, 3, H, W) in [-1, 1]
             # The tokenizer runs at the trainer's precision, as in validation_step; the metric
             # networks (Inception, VGG) stay in float32 on the float outputs.

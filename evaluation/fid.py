@@ -40,6 +40,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from vistok.common.checkpoints import file_sha256
 from vistok.common.images import uint8_pixels
+from vistok.common.summary import batch_progress
 from vistok.evaluation.inception import cache_dir, fid_weights_path
 
 STATS_FORMAT = "vistok-fid-stats-v1"
@@ -301,7 +302,8 @@ class FID(FrechetInceptionDistance):
             return True
         self._clear_real()
         want = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        for batch in images() if callable(images) else images:
+        batches = images() if callable(images) else images
+        for batch in batch_progress(batches, "FID reference", total=-(-count // world)):
             if tuple(batch.shape[-2:]) != want:
                 raise ValueError(f"reference images are {tuple(batch.shape[-2:])}, key says {want}")
             self.update(batch, real=True)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from vistok.common.images import save_grid
+from vistok.common.summary import batch_progress, closing_summary
 from vistok.data.pairs import PairDataModule, read_pairs_meta
 from vistok.generators.checkpoint import load_generator
 from vistok.generators.sample_cli import parse_args as parse_sample_args
@@ -75,7 +76,7 @@ def samples_png(out: Path, rows: int = 8) -> Path:
     for side in ("before", "after"):
         arr = np.load(out / side / "samples.npz")["arr_0"][:rows]  # (n, H, W, 3) uint8
         grids.append(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1)
-    return save_grid(grids, out / "samples_before_after.png")
+    return save_grid(grids, out / "samples_before_after.png", ["before", "after"])
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def on_pairs(pairs: str, before: str, after: str, out: Path, count: int = 256) -
     toks = {"before": read_tokenizer(before).tokenizer, "after": read_tokenizer(after).tokenizer}
     sums: dict[str, float] = {}
     seen, rows = 0, None
-    for batch in data.val_dataloader(rank=0, world_size=1):
+    for batch in batch_progress(data.val_dataloader(rank=0, world_size=1), "decoding", count):
         images, codes = batch["image"][: count - seen], batch["codes"][: count - seen]
         decoded = {}
         for side, tok in toks.items():
@@ -109,7 +110,8 @@ def on_pairs(pairs: str, before: str, after: str, out: Path, count: int = 256) -
         seen += len(images)
         if seen >= count:
             break
-    save_grid(rows, out / "side_by_side.png")
+    titles = ["original", "recon. before", "recon. after", "generated before", "generated after"]
+    save_grid(rows, out / "side_by_side.png", titles)
     return {
         "split": split,
         "images": seen,
@@ -159,11 +161,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.pairs:  # how well each decoder maps the generator's code maps to the real images
         results["pairs"] = on_pairs(args.pairs, before, args.after, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    change = results["gfid_change"]
+    figures = {k: results[k] for k in ("gfid_before", "gfid_after", "gfid_change")}
+    paths = {"results": out / "results.json", "samples": out / results["images"]["samples"]}
+    if args.pairs:
+        pairs = results["pairs"]
+        figures.update({k: v for k, v in pairs.items() if k.startswith("psnr_generated")})
+        paths["pairs grid"] = out / pairs["image"]
     print(
-        f"gFID before {results['gfid_before']}, after {results['gfid_after']}"
-        + (f" (change {change:+.3f})" if change is not None else "")
-        + f"; written to {out / 'results.json'}"
+        closing_summary("post-training compared (same codes, decoder before/after)", figures, paths)
     )
     return results
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vistok.common.images import uint8_pixels
+from vistok.common.summary import batch_progress, closing_summary
 from vistok.data.datamodule import ImageDataModule
 from vistok.evaluation.adm import SPATIAL_DIM, ADMMetrics
 from vistok.evaluation.fid import FID, mean_cov
@@ -129,7 +130,8 @@ def fill_pool_reference(
     else:
         fid.reset_real()
         device = fid.real_features_sum.device
-        for batch in _shares(ref.images, rank, world_size, 64):
+        shares = _shares(ref.images, rank, world_size, 64)
+        for batch in batch_progress(shares, "FID reference", len(ref.images) // world_size):
             fid.update(batch.to(device), real=True)
     return _protocol(path, ref, stored, fid)
 
@@ -166,7 +168,8 @@ def reference_metrics(
     stored = "mu" in ref.stats
     n = len(ref.images)
     if not stored or precision_recall:
-        for batch in _shares(ref.images, rank, world_size, batch_size):
+        shares = _shares(ref.images, rank, world_size, batch_size)
+        for batch in batch_progress(shares, "reference features", n // world_size):
             metrics.update(batch.to(device), real=True, stats=not stored)
     if stored:
         mu, sigma, mu_s, sigma_s = (torch.from_numpy(ref.stats[k]) for k in STAT_SHAPES)
@@ -206,7 +209,7 @@ def write_ref_batch(
     )
     metrics = ADMMetrics(precision_recall=False).to(device) if with_stats else None
     images, seen = [], 0
-    for batch in data.val_dataloader(rank=0, world_size=1):
+    for batch in batch_progress(data.val_dataloader(rank=0, world_size=1), "images", num_images):
         x = batch["image"][: num_images - seen]  # (B, 3, R, R) in [-1, 1]
         arr = uint8_pixels(x)  # (B, 3, R, R) uint8: the bytes written, and the ones measured
         if metrics is not None:
@@ -248,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = write_ref_batch(
         args.out, args.shards, args.num_images, args.resolution, args.stats, args.batch_size, device
     )
-    print(f"wrote {info['images']} images at {args.resolution} px to {args.out}")
+    stats = "with Inception statistics (FID, sFID)" if args.stats else "without statistics"
+    done = f"reference batch: {info['images']} images at {args.resolution} px, {stats}"
+    print(closing_summary(done, paths={"batch": args.out}))
     return info
 
 

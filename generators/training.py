@@ -11,7 +11,6 @@ is saved under the hyper-parameter ``config_key``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,7 +20,7 @@ from torch import nn
 
 from vistok.common.checkpoints import config_differences
 from vistok.common.ema import EMA, restore_ema, save_ema
-from vistok.common.images import save_grid
+from vistok.common.images import publish_grid
 from vistok.common.schedule import warmup_cosine
 from vistok.common.speed import compile_modules, fused_available, resolve
 from vistok.generators.layers import Block
@@ -129,10 +128,8 @@ class GeneratorModule(pl.LightningModule):
                 self.hparams.sample_images
                 and not trainer.sanity_checking
                 and trainer.is_global_zero
-                and trainer.log_dir
             ):
-                path = Path(trainer.log_dir) / "images" / f"samples_{self.global_step:07d}.png"
-                save_grid([self.sample_images(self.hparams.sample_images)], path)
+                publish_grid(trainer, "samples", [self.sample_images(self.hparams.sample_images)])
         finally:
             if self.ema is not None:
                 self.ema.swap()

@@ -67,6 +67,12 @@ def test_benchmark_two_families_and_a_broken_entry(tmp_path, monkeypatch):
 
     table = (out / "benchmark.md").read_text()
     assert table.strip() in proc.stdout
+    best = min((vq, kl), key=lambda r: r["rfid"])
+    plots = ", ".join(str(out / p) for p in results["plots"])
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"benchmark: 2 of 3 tokenizer(s) evaluated; best rFID {best['rfid']:.3f} ({best['name']})."
+        f" Wrote: table {out / 'benchmark.md'}, results {out / 'benchmark.json'}, plots {plots}."
+    )
     assert "| vq | VQTokenizer |" in table and "| nowhere | failed: " in table
     for png in results["plots"]:
         with Image.open(out / png) as im:

@@ -13,15 +13,18 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import ROOT, TINY, run
 from PIL import Image
 from pytorch_lightning.trainer.states import TrainerFn
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_pfid import _write_split
 
 from vistok.common.checkpoints import read_checkpoint
 from vistok.common.cli import VistokCLI, main
+from vistok.common.images import label_band
 from vistok.evaluation.callbacks import ReconstructionEval
 
 COMMON = {"val/rfid", "val/psnr_full", "val/ssim", "val/lpips"}
@@ -102,8 +105,15 @@ def test_vq_through_the_cli_reproducible_and_same_in_two_processes(split, monkey
     assert proto["pfid"]["strengths"] == [0.0, 0.5, 1.0] and proto["pfid"]["seed"] == 0
     assert list((tmp / "stats").glob(proto["reference"]["stats_key"] + ".safetensors"))
     # Grid: originals, reconstructions, one row per strength; 4 tiles of 32 px, 2 px padding.
+    # Row titles in a band on the left; the same picture in TensorBoard.
     grid = Image.open(fit_dir / "images" / "perturb_0000001.png")
-    assert grid.size == (4 * 34 + 2, 5 * 34 + 2)
+    titles = ["original", "reconstruction", "s=0", "s=0.5", "s=1"]
+    band = label_band(titles, row_height=34, pad=2)
+    assert grid.size == (band.width + 4 * 34 + 2, 5 * 34 + 2)
+    assert np.array_equal(np.asarray(grid.convert("RGB"))[:, : band.width], np.asarray(band))
+    events = EventAccumulator(str(fit_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert {"perturb", "recon"} <= set(events.Tags()["images"])
     # The metric networks stay on the callback: no Inception or VGG weight in the checkpoint.
     ckpt = fit_dir / "checkpoints" / "last.ckpt"
     keys = read_checkpoint(ckpt)["state_dict"]

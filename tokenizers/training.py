@@ -30,7 +30,6 @@ module (``mask_modeling.*`` in checkpoints), never to the tokenizer, so they are
 from __future__ import annotations
 
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -40,7 +39,7 @@ from torch import Tensor
 from vistok.common.checkpoints import config_differences
 from vistok.common.configurable import instantiate
 from vistok.common.ema import EMA, restore_ema, save_ema
-from vistok.common.images import save_grid
+from vistok.common.images import publish_grid
 from vistok.common.schedule import warmup_cosine
 from vistok.common.speed import (
     SpeedOptions,
@@ -347,10 +346,8 @@ class TokenizerModule(pl.LightningModule):
         if self._grid is None or self.trainer.sanity_checking:
             return
         if self.trainer.is_global_zero:  # (trainer.log_dir would be a collective call)
-            path = (
-                Path(self.trainer.default_root_dir) / "images" / f"recon_{self.global_step:07d}.png"
-            )
-            save_grid(self._grid, path)
+            labels = ["original", "reconstruction", "generated codes"][: len(self._grid)]
+            publish_grid(self.trainer, "recon", self._grid, labels)
         self._grid = None
 
     @property
