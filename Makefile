@@ -21,7 +21,7 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m ruff check .
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=25
 
 lint: setup
 	$(PYTHON) -m ruff check .

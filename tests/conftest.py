@@ -8,7 +8,10 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")  # see Makefile
 
 import torch  # noqa: E402  (after the OpenMP setting)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs two workers) each worker takes one core.
+torch.set_num_threads(
+    1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads())
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
