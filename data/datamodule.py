@@ -150,12 +150,9 @@ class StreamDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
         )
-        return StreamLoader(
+        return self._loader(
             stream,
             self.train_stats,
-            self.num_workers,
-            self.max_bad_fraction,
-            self.bad_fraction_min_samples,
             self.batches_per_epoch,
             epoch_source=self._trainer_epoch,
             consumed_source=self._trainer_batches,
@@ -166,23 +163,15 @@ class StreamDataModule(pl.LightningDataModule):
         if urls is None:
             return []
         rank, world_size = self._dist(rank, world_size)
-        stream = ShardStream(
-            urls,
-            self.val_decoder,
-            self.val_batch_size,
-            train=False,
-            rank=rank,
-            world_size=world_size,
-        )
-        return StreamLoader(
-            stream,
-            self.val_stats,
-            self.num_workers,
-            self.max_bad_fraction,
-            self.bad_fraction_min_samples,
-        )
+        stream = ShardStream(urls, self.val_decoder, self.val_batch_size, False, rank, world_size)
+        return self._loader(stream, self.val_stats)
 
     # -- internals --------------------------------------------------------------------------
+    def _loader(self, stream: ShardStream, stats: SkipStats, *args, **kwargs) -> StreamLoader:
+        """A ``StreamLoader`` over ``stream`` with this module's worker and bad-sample options."""
+        options = (self.num_workers, self.max_bad_fraction, self.bad_fraction_min_samples)
+        return StreamLoader(stream, stats, *options, *args, **kwargs)
+
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
 

@@ -155,15 +155,7 @@ def make_sampler(args: argparse.Namespace, model, tokenizer) -> Sampler:
         given = [flag for flag, value in diffusion_only.items() if value is not None]
         if given:
             raise SystemExit(f"error: {', '.join(given)} apply to diffusion generators only")
-        config = SamplingConfig(
-            cfg_scale,
-            args.cfg_schedule,
-            tuple(args.cfg_interval),
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.cfg_power,
-        )
+        config = ar_config(args, cfg_scale)
     else:
         config = diffusion_config(args, model, cfg_scale)
     spec, neighbours = speculative_setup(args, model if isinstance(model, GPT) else None, tokenizer)
@@ -266,6 +258,19 @@ def protocol(
         "fid": fid_protocol,
         "code_version": code_version(),
     }
+
+
+def ar_config(args: argparse.Namespace, cfg_scale: float) -> SamplingConfig:
+    """AR sampling settings from the flags that sample.py and the post-training pairs share."""
+    return SamplingConfig(
+        cfg_scale,
+        args.cfg_schedule,
+        tuple(args.cfg_interval),
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.cfg_power,
+    )
 
 
 def diffusion_config(args: argparse.Namespace, model, cfg_scale: float) -> DiffusionSampling:

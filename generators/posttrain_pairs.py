@@ -50,7 +50,7 @@ from vistok.data.pairs import FORMAT, META, sample_seed
 from vistok.data.stream import expand_shards
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
-from vistok.generators.inference import init_distributed
+from vistok.generators.inference import ar_config, init_distributed
 from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig
 from vistok.generators.teacher_forcing import partially_denoised, teacher_forced
 from vistok.tokenizers.checkpoint import TokenizerMismatch, recorded_source, resolve_tokenizer
@@ -223,15 +223,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
     tokenizer = tok.tokenizer
     if isinstance(model, GPT):
         args.cfg = 6.0 if args.cfg is None else args.cfg
-        config = SamplingConfig(
-            args.cfg if model.num_classes else 1.0,
-            args.cfg_schedule,
-            tuple(args.cfg_interval),
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.cfg_power,
-        )
+        config = ar_config(args, args.cfg if model.num_classes else 1.0)
         regenerate = teacher_forcing(model, args, config)
         protocol = {
             "mode": "teacher_forcing",
