@@ -80,21 +80,29 @@ class StreamDataModule(pl.LightningDataModule):
     subclass supplies (``train_decoder`` / ``val_decoder``), skip accounting, and the rank.
 
     Subclasses set the decoders and implement ``train_urls`` / ``val_urls`` (None: no
-    validation)."""
+    validation); a subclass whose own arguments come first forwards these as ``**stream``.
+
+    Args:
+        batch_size / val_batch_size: per device. ``batches_per_epoch``: per rank.
+        num_workers: DataLoader workers per device; ``shuffle_buffer``: samples per worker.
+        max_bad_fraction: unreadable samples allowed before training stops with an error
+            (checked once ``bad_fraction_min_samples`` samples have been seen).
+        seed: seeds the shard order, the shuffle buffer and each sample's augmentation.
+    """
 
     train_decoder: SampleDecoder | ImageDecoder
     val_decoder: SampleDecoder | ImageDecoder
 
     def __init__(
         self,
-        batch_size: int,
-        val_batch_size: int | None,
-        num_workers: int,
-        shuffle_buffer: int,
-        batches_per_epoch: int,
-        max_bad_fraction: float,
-        bad_fraction_min_samples: int,
-        seed: int,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int = 1000,
+        max_bad_fraction: float = 0.01,
+        bad_fraction_min_samples: int = 1000,
+        seed: int = 0,
     ):
         super().__init__()
         check_count("batch_size", batch_size, 1)

@@ -62,7 +62,9 @@ class GroupHead(nn.Module):
         self.token_embed = nn.Embedding(groups * vocab_size, dim)  # GPT input
         self.sub_embed = nn.Embedding(groups * vocab_size, dim)  # factorized transformer input
         self.pos = nn.Parameter(torch.randn(groups, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, 0.0, multiple_of) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, multiple_of=multiple_of) for _ in range(layers)
+        )
         self.norm = RMSNorm(dim)
         self.out = nn.Parameter(torch.zeros(groups, vocab_size, dim))  # one projection per group
         self.register_buffer("offset", torch.arange(groups) * vocab_size, persistent=False)

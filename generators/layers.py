@@ -146,10 +146,13 @@ def ffn_hidden(dim: int, multiple_of: int = 256) -> int:
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: RMSNorm -> causal attention, RMSNorm -> SwiGLU, residuals."""
+
     def __init__(
         self,
         dim: int,
         heads: int,
+        *,
         dropout: float = 0.0,
         multiple_of: int = 256,
         attn_dropout: float = 0.0,
