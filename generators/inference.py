@@ -260,6 +260,19 @@ def protocol(
     }
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser, generator: str, tokenizer: str) -> None:
+    """``--generator`` / ``--tokenizer`` (with these helps) and ``--ema``: the weights that
+    sample.py and the post-training pairs load."""
+    p.add_argument("--generator", required=True, help=generator)
+    p.add_argument("--tokenizer", help=tokenizer)
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA generator weights (default: when the checkpoint has them)",
+    )
+
+
 def ar_config(args: argparse.Namespace, cfg_scale: float) -> SamplingConfig:
     """AR sampling settings from the flags that sample.py and the post-training pairs share."""
     return SamplingConfig(
