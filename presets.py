@@ -24,25 +24,29 @@ from vistok.tokenizers.vq import VQ_PRESETS, VQTokenizer
 from vistok.tokenizers.wetok import WETOK_PRESETS, WeTok
 
 RESOLUTION = 256
+
+
+def _cited(source: str, family: str, **millions: float) -> dict[tuple[str, str], tuple[float, str]]:
+    return {(family, name): (m, source) for name, m in millions.items()}
+
+
 # Reference parameter counts (millions) and where they come from.
 OFFICIAL: dict[tuple[str, str], tuple[float, str]] = {
     # Sums of the released state dicts' shapes (encoder + decoder; the GQ quantizer has no
     # weights), listed in ../shared/parity/wetok/official_shapes.json.
-    ("WeTok", "compratio24"): (448.405827, "released checkpoint"),
-    ("WeTok", "compratio48"): (447.881507, "released checkpoint"),
-    ("WeTok", "compratio192"): (460.294179, "released checkpoint"),
-    ("WeTok", "compratio768"): (1673.089059, "released checkpoint"),
+    **_cited(
+        "released checkpoint",
+        "WeTok",
+        compratio24=448.405827,
+        compratio48=447.881507,
+        compratio192=460.294179,
+        compratio768=1673.089059,
+    ),
     # LlamaGen (arXiv 2406.06525) Table 2 / README: c2i GPT sizes with a 16384 codebook.
-    ("GPT", "B"): (111.0, "LlamaGen paper"),
-    ("GPT", "L"): (343.0, "LlamaGen paper"),
-    ("GPT", "XL"): (775.0, "LlamaGen paper"),
-    ("GPT", "XXL"): (1400.0, "LlamaGen paper"),
-    ("VQ", "llamagen_vq16"): (72.0, "LlamaGen paper (VQ-16)"),
+    **_cited("LlamaGen paper", "GPT", B=111.0, L=343.0, XL=775.0, XXL=1400.0),
+    **_cited("LlamaGen paper (VQ-16)", "VQ", llamagen_vq16=72.0),
     # DiT (arXiv 2212.09748) Table 1, patch 2 on 32x32x4 SD-VAE latents.
-    ("DiT", "S"): (33.0, "DiT paper"),
-    ("DiT", "B"): (130.0, "DiT paper"),
-    ("DiT", "L"): (458.0, "DiT paper"),
-    ("DiT", "XL"): (675.0, "DiT paper"),
+    **_cited("DiT paper", "DiT", S=33.0, B=130.0, L=458.0, XL=675.0),
 }
 # The code space generators are counted against: LlamaGen VQ-16 codes / SD-VAE latents at 256 px.
 VQ16 = dict(kind="index", channels=8, vocab_size=16384, groups=1, bits=0)

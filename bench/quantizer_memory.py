@@ -25,12 +25,10 @@ linear in the number of tokens); it is also measured directly where the extrapol
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
-from vistok.common.memory import PeakMemory, run_worker
+from vistok.common.memory import PeakMemory, run_worker, serve_worker, worker_parser
 
 BATCH = 16
 GRID = 16  # 16x16 tokens per image
@@ -105,17 +103,10 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", nargs=3, type=int, metavar=("BITS", "GROUPS", "BATCH"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = worker_parser(__doc__, nargs=3, type=int, metavar=("BITS", "GROUPS", "BATCH"))
     parser.add_argument("--max-gib", type=float, default=8.0)
-    parser.add_argument("--device", default="cpu")
     a = parser.parse_args()
     if a.worker:
-        import torch
-
-        torch.set_num_threads(a.threads)
-        print(json.dumps(worker(*a.worker, repeats=a.repeats, device=a.device)))
+        serve_worker(a.threads, lambda: worker(*a.worker, repeats=a.repeats, device=a.device))
     else:
         main(a)

@@ -21,12 +21,10 @@ The "saved MiB" column is exact and device-independent: the bytes autograd keeps
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
-from vistok.common.memory import PeakMemory, run_worker
+from vistok.common.memory import PeakMemory, run_worker, serve_worker, worker_parser
 
 BATCH, SIZE, CHANNELS = 16, 64, 16
 
@@ -146,18 +144,11 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", nargs=2, metavar=("MODE", "N"))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = worker_parser(__doc__, nargs=2, metavar=("MODE", "N"))
     parser.add_argument("--tile", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
     a = parser.parse_args()
     if a.worker:
-        import torch
-
-        torch.set_num_threads(a.threads)
         mode, n = a.worker
-        print(json.dumps(worker(mode, int(n), a.repeats, a.device, a.tile)))
+        serve_worker(a.threads, lambda: worker(mode, int(n), a.repeats, a.device, a.tile))
     else:
         main(a)

@@ -11,11 +11,14 @@ ru_maxrss, a process-lifetime peak, and a warm-up would only inflate it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -75,3 +78,22 @@ def run_worker(
     if res.returncode != 0:
         raise RuntimeError(f"worker {' '.join(argv)} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def worker_parser(doc: str, **worker: Any) -> argparse.ArgumentParser:
+    """The arguments of a bench that measures in ``run_worker`` subprocesses: ``--worker`` (what
+    the subprocess measures; ``worker`` gives its nargs / type / metavar), ``--threads``,
+    ``--repeats`` and ``--device``. The bench adds its own."""
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=doc.split("\n")[0])
+    parser.add_argument("--worker", **worker)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def serve_worker(threads: int, measure: Callable[[], dict]) -> None:
+    """The subprocess side of ``run_worker``: measure with ``threads`` threads and print the
+    result as the JSON line it reads."""
+    torch.set_num_threads(threads)
+    print(json.dumps(measure()))

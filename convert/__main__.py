@@ -25,7 +25,7 @@ from vistok.convert.llamagen import convert_gpt, convert_vq
 
 Converter = Callable[..., Path]
 
-# format name -> convert(checkpoint, out, *, ema, tokenizer, resolution) -> folder
+# format name -> convert(checkpoint, out, **common.Options) -> folder
 FORMATS: dict[str, Converter] = {
     "llamagen-vq": convert_vq,
     "llamagen-gpt": convert_gpt,

@@ -13,12 +13,13 @@ import pickle
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vistok.common.checkpoints import file_sha256
 from vistok.common.export import write_card
@@ -29,6 +30,23 @@ State = dict[str, Tensor]
 
 class ConversionError(ValueError):
     """The checkpoint is not one the chosen format can convert; the message says what to do."""
+
+
+class Options(TypedDict, total=False):
+    """What ``python -m vistok.convert`` passes every converter besides the checkpoint and the
+    output folder; each converter refuses those that do not apply to its format."""
+
+    ema: bool  # convert the EMA weights (default False)
+    tokenizer: str | None  # generators: the converted tokenizer folder they model
+    resolution: int | None  # tokenizers: the image size (default: the reference's)
+
+
+def option_values(**options: Unpack[Options]) -> tuple[bool, str | None, int | None]:
+    """(ema, tokenizer, resolution) with their defaults; a misspelt option is refused."""
+    unknown = sorted(set(options) - set(Options.__annotations__))
+    if unknown:
+        raise TypeError(f"unknown converter options {unknown}: use {list(Options.__annotations__)}")
+    return options.get("ema", False), options.get("tokenizer"), options.get("resolution")
 
 
 def read_reference(path: str | Path, fmt: str) -> dict[str, Any]:

@@ -16,9 +16,17 @@ import re
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from typing_extensions import Unpack
 
-from vistok.convert.common import ConversionError, fit_state, read_state, write_export
+from vistok.convert.common import (
+    ConversionError,
+    Options,
+    State,
+    fit_state,
+    option_values,
+    read_state,
+    write_export,
+)
 from vistok.tokenizers.diffusers_vae import DIFFUSERS_VAE_PRESETS, DiffusersKL
 
 FORMAT = "diffusers-vae"
@@ -75,14 +83,8 @@ def vistok_key(key: str) -> str:
     return f"{m.group(1)}{_OLD_ATTENTION[m.group(2)]}.{m.group(3)}" if m else key
 
 
-def convert(
-    checkpoint: str,
-    out: str,
-    *,
-    ema: bool = False,
-    tokenizer: str | None = None,
-    resolution: int | None = None,
-) -> Path:
+def convert(checkpoint: str, out: str, **options: Unpack[Options]) -> Path:
+    ema, tokenizer, resolution = option_values(**options)
     if ema or tokenizer is not None:
         raise ConversionError(
             "a diffusers VAE folder holds one set of weights and is a tokenizer: "
@@ -95,7 +97,7 @@ def convert(
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise ConversionError(f"{folder} has none of {', '.join(WEIGHT_FILES)}")
-    state: dict[str, Tensor] = read_state(weights)
+    state: State = read_state(weights)
     model = build(config, resolution or config.get("sample_size", 256))
     # 1x1 conv kernels (O, I, 1, 1) -> the projections' Linear weights (O, I).
     source = {

@@ -24,13 +24,16 @@ import shutil
 from pathlib import Path
 
 import torch
+from typing_extensions import Unpack
 
 from vistok.common.hub import CARD, CONFIG, WEIGHTS
 from vistok.convert.common import (
     ConversionError,
+    Options,
     State,
     count_indexed,
     fill_state,
+    option_values,
     read_reference,
     rename,
     require,
@@ -150,14 +153,8 @@ def map_vq_state(state: State, path: str) -> tuple[State, dict[str, str]]:
     return mapped, sources
 
 
-def convert_vq(
-    checkpoint: str,
-    out: str,
-    *,
-    ema: bool = False,
-    tokenizer: str | None = None,
-    resolution: int | None = None,
-) -> Path:
+def convert_vq(checkpoint: str, out: str, **options: Unpack[Options]) -> Path:
+    ema, tokenizer, resolution = option_values(**options)
     if tokenizer is not None:
         raise ConversionError("--tokenizer applies to llamagen-gpt only; drop it for a VQ")
     state = _model_state(checkpoint, VQ, ema)
@@ -213,14 +210,8 @@ def _heads(state: State, dim: int, path: str) -> int:
     return LLAMAGEN_HEADS[dim]
 
 
-def convert_gpt(
-    checkpoint: str,
-    out: str,
-    *,
-    ema: bool = False,
-    tokenizer: str | None = None,
-    resolution: int | None = None,
-) -> Path:
+def convert_gpt(checkpoint: str, out: str, **options: Unpack[Options]) -> Path:
+    ema, tokenizer, resolution = option_values(**options)
     if tokenizer is None:
         raise ConversionError(
             "llamagen-gpt needs --tokenizer FOLDER: the LlamaGen VQ this GPT was trained on, "

@@ -20,9 +20,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from vistok.common.configurable import instantiate
-from vistok.convert.common import ConversionError, fit_state, read_state, write_export
+from vistok.convert.common import (
+    ConversionError,
+    Options,
+    fit_state,
+    option_values,
+    read_state,
+    write_export,
+)
 from vistok.tokenizers.wetok import WETOK_PRESETS, WeTok
 
 FORMAT = "wetok"
@@ -129,14 +137,8 @@ def ema_weights(state: dict[str, Tensor], names: list[str], where: str) -> dict[
     return {n: state[f"model_ema.{f}"] for n, f in zip(names, flat)}
 
 
-def convert(
-    checkpoint: str,
-    out: str,
-    *,
-    ema: bool = False,
-    tokenizer: str | None = None,
-    resolution: int | None = None,
-) -> Path:
+def convert(checkpoint: str, out: str, **options: Unpack[Options]) -> Path:
+    ema, tokenizer, resolution = option_values(**options)
     if tokenizer is not None:
         raise ConversionError("--tokenizer is for generator formats; a WeTok file is a tokenizer")
     ckpt = read_state(checkpoint)

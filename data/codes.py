@@ -157,10 +157,7 @@ class CodeDataModule(StreamDataModule):
     Args:
         root: the code folder (``meta.json`` + shards) written by ``extract_codes``.
         train_split / val_split: split names in ``meta.json``; ``val_split=None`` skips validation.
-        batch_size / val_batch_size: per device. ``batches_per_epoch``: per rank.
-        num_workers: DataLoader workers per device; ``shuffle_buffer``: samples per worker.
-        max_bad_fraction: unreadable samples allowed before training stops with an error
-            (checked once ``bad_fraction_min_samples`` samples have been seen).
+        stream: batch size, workers, bad-sample budget, seed (see ``StreamDataModule``).
     """
 
     def __init__(
@@ -168,16 +165,9 @@ class CodeDataModule(StreamDataModule):
         root: str,
         train_split: str = "train",
         val_split: str | None = "val",
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 4,
-        shuffle_buffer: int = 1000,
-        batches_per_epoch: int = 1000,
-        max_bad_fraction: float = 0.01,
-        bad_fraction_min_samples: int = 1000,
-        seed: int = 0,
+        **stream,
     ):
-        super().__init__(**StreamDataModule.options(locals()))
+        super().__init__(**stream)
         self.save_hyperparameters()
         self.root = root
         self.meta = read_meta(root)

@@ -80,21 +80,29 @@ class StreamDataModule(pl.LightningDataModule):
     subclass supplies (``train_decoder`` / ``val_decoder``), skip accounting, and the rank.
 
     Subclasses set the decoders and implement ``train_urls`` / ``val_urls`` (None: no
-    validation)."""
+    validation); a subclass whose own arguments come first forwards these as ``**stream``.
+
+    Args:
+        batch_size / val_batch_size: per device. ``batches_per_epoch``: per rank.
+        num_workers: DataLoader workers per device; ``shuffle_buffer``: samples per worker.
+        max_bad_fraction: unreadable samples allowed before training stops with an error
+            (checked once ``bad_fraction_min_samples`` samples have been seen).
+        seed: seeds the shard order, the shuffle buffer and each sample's augmentation.
+    """
 
     train_decoder: SampleDecoder | ImageDecoder
     val_decoder: SampleDecoder | ImageDecoder
 
     def __init__(
         self,
-        batch_size: int,
-        val_batch_size: int | None,
-        num_workers: int,
-        shuffle_buffer: int,
-        batches_per_epoch: int,
-        max_bad_fraction: float,
-        bad_fraction_min_samples: int,
-        seed: int,
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int = 1000,
+        max_bad_fraction: float = 0.01,
+        bad_fraction_min_samples: int = 1000,
+        seed: int = 0,
     ):
         super().__init__()
         check_count("batch_size", batch_size, 1)
@@ -150,12 +158,9 @@ class StreamDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
         )
-        return StreamLoader(
+        return self._loader(
             stream,
             self.train_stats,
-            self.num_workers,
-            self.max_bad_fraction,
-            self.bad_fraction_min_samples,
             self.batches_per_epoch,
             epoch_source=self._trainer_epoch,
             consumed_source=self._trainer_batches,
@@ -166,23 +171,15 @@ class StreamDataModule(pl.LightningDataModule):
         if urls is None:
             return []
         rank, world_size = self._dist(rank, world_size)
-        stream = ShardStream(
-            urls,
-            self.val_decoder,
-            self.val_batch_size,
-            train=False,
-            rank=rank,
-            world_size=world_size,
-        )
-        return StreamLoader(
-            stream,
-            self.val_stats,
-            self.num_workers,
-            self.max_bad_fraction,
-            self.bad_fraction_min_samples,
-        )
+        stream = ShardStream(urls, self.val_decoder, self.val_batch_size, False, rank, world_size)
+        return self._loader(stream, self.val_stats)
 
     # -- internals --------------------------------------------------------------------------
+    def _loader(self, stream: ShardStream, stats: SkipStats, *args, **kwargs) -> StreamLoader:
+        """A ``StreamLoader`` over ``stream`` with this module's worker and bad-sample options."""
+        options = (self.num_workers, self.max_bad_fraction, self.bad_fraction_min_samples)
+        return StreamLoader(stream, stats, *options, *args, **kwargs)
+
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
 

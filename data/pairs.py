@@ -102,9 +102,7 @@ class PairDataModule(StreamDataModule):
         train_split: split name in ``meta.json``.
         val_split: held-out pairs for validation; None validates on the training split read once
             (capped by ``trainer.limit_val_batches``).
-        batch_size / val_batch_size: per device. ``batches_per_epoch``: per rank.
-        num_workers: DataLoader workers per device; ``shuffle_buffer``: samples per worker.
-        max_bad_fraction: unreadable samples allowed (after ``bad_fraction_min_samples``).
+        stream: batch size, workers, bad-sample budget, seed (see ``StreamDataModule``).
     """
 
     def __init__(
@@ -112,16 +110,9 @@ class PairDataModule(StreamDataModule):
         pairs: str,
         train_split: str = "train",
         val_split: str | None = None,
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 4,
-        shuffle_buffer: int = 1000,
-        batches_per_epoch: int = 1000,
-        max_bad_fraction: float = 0.01,
-        bad_fraction_min_samples: int = 1000,
-        seed: int = 0,
+        **stream,
     ):
-        super().__init__(**StreamDataModule.options(locals()))
+        super().__init__(**stream)
         self.save_hyperparameters()
         self.meta = read_pairs_meta(pairs)
         self._train_urls = split_urls(pairs, self.meta, train_split)

@@ -88,7 +88,13 @@ class GPT(Configurable, nn.Module):
         self.head = make_head(code_space, self.dim, cfg["head_layers"], self.heads, multiple_of)
         self.token_dropout = nn.Dropout(token_dropout)
         self.blocks = nn.ModuleList(
-            Block(self.dim, self.heads, dropout, True, multiple_of, attn_dropout)
+            Block(
+                self.dim,
+                self.heads,
+                dropout=dropout,
+                multiple_of=multiple_of,
+                attn_dropout=attn_dropout,
+            )
             for _ in range(self.depth)
         )
         self.norm = RMSNorm(self.dim)

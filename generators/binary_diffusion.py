@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vistok.common.configurable import Configurable
-from vistok.generators.diffusion import DiffusionSampling, DiT, preset_config
+from vistok.generators.diffusion import DiffusionSampling, DiT
 from vistok.tokenizers.quantizers.base import channels_first, channels_last, rand
 
 # ---------------------------------------------------------------------------------------------
@@ -102,21 +102,12 @@ class BinaryDiffusion(Configurable, nn.Module):
                 f"{code_space['kind']!r}: use generator/dit.yaml (continuous) or generator/ar.yaml"
             )
         keep_coefficient(torch.zeros(()), schedule)  # validates the name
-        cfg = preset_config(preset, depth=depth, dim=dim, heads=heads)
         self.token_shape = tuple(int(s) for s in token_shape)
         self.bits, self.num_classes, self.schedule = code_space["bits"], num_classes, schedule
-        self.net = DiT(
-            self.bits,
-            self.bits,
-            self.token_shape,
-            patch_size,
-            num_classes,
-            cfg["dim"],
-            cfg["depth"],
-            cfg["heads"],
-            mlp_ratio,
-            label_dropout,
-            qk_norm,
+        sizes = dict(depth=depth, dim=dim, heads=heads)
+        options = dict(mlp_ratio=mlp_ratio, label_dropout=label_dropout, qk_norm=qk_norm)
+        self.net = DiT.sized(
+            self.bits, self.token_shape, patch_size, num_classes, preset, sizes, **options
         )
 
     def keep(self, t: Tensor) -> Tensor:

@@ -190,6 +190,23 @@ class DiT(nn.Module):
         self.final = FinalLayer(dim, out_channels * patch_size ** len(token_shape))
         self._init_weights()
 
+    @classmethod
+    def sized(
+        cls,
+        channels: int,
+        token_shape: tuple[int, ...],
+        patch_size: int,
+        num_classes: int,
+        preset: str,
+        sizes: dict[str, int | None],
+        **options,
+    ) -> DiT:
+        """A ``channels`` -> ``channels`` DiT of size ``preset``, with the ``depth`` / ``dim`` /
+        ``heads`` of ``sizes`` that are not None overriding it; ``options`` as in ``__init__``."""
+        cfg = preset_config(preset, **sizes)
+        dims = (cfg["dim"], cfg["depth"], cfg["heads"])
+        return cls(channels, channels, token_shape, patch_size, num_classes, *dims, **options)
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -268,23 +285,14 @@ class FlowMatching(Configurable, nn.Module):
                 f"flow matching models continuous latents, but this tokenizer's codes are "
                 f"{code_space['kind']!r}: use generator/ar.yaml (or binary_diffusion.yaml for bits)"
             )
-        cfg = preset_config(preset, depth=depth, dim=dim, heads=heads)
         self.token_shape = tuple(int(s) for s in token_shape)
         self.channels, self.num_classes = code_space["channels"], num_classes
         self.logit_mean, self.logit_std = logit_mean, logit_std
         patch = patch_size or (2 if len(self.token_shape) == 2 else 1)
-        self.net = DiT(
-            self.channels,
-            self.channels,
-            self.token_shape,
-            patch,
-            num_classes,
-            cfg["dim"],
-            cfg["depth"],
-            cfg["heads"],
-            mlp_ratio,
-            label_dropout,
-            qk_norm,
+        sizes = dict(depth=depth, dim=dim, heads=heads)
+        options = dict(mlp_ratio=mlp_ratio, label_dropout=label_dropout, qk_norm=qk_norm)
+        self.net = DiT.sized(
+            self.channels, self.token_shape, patch, num_classes, preset, sizes, **options
         )
         # Per-channel latent statistics; set once from the data (``set_latent_stats``).
         self.register_buffer("latent_mean", torch.zeros(self.channels))

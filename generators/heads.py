@@ -63,7 +63,7 @@ class GroupHead(nn.Module):
         self.sub_embed = nn.Embedding(groups * vocab_size, dim)  # factorized transformer input
         self.pos = nn.Parameter(torch.randn(groups, dim) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(dim, heads, 0.0, True, multiple_of) for _ in range(layers)
+            Block(dim, heads, multiple_of=multiple_of) for _ in range(layers)
         )
         self.norm = RMSNorm(dim)
         self.out = nn.Parameter(torch.zeros(groups, vocab_size, dim))  # one projection per group

@@ -141,15 +141,7 @@ def make_sampler(args: argparse.Namespace, model, tokenizer) -> Sampler:
         given = [flag for flag, value in diffusion_only.items() if value is not None]
         if given:
             raise SystemExit(f"error: {', '.join(given)} apply to diffusion generators only")
-        config = SamplingConfig(
-            cfg_scale,
-            args.cfg_schedule,
-            tuple(args.cfg_interval),
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.cfg_power,
-        )
+        config = ar_config(args, cfg_scale)
     else:
         config = diffusion_config(args, model, cfg_scale)
     spec, neighbours = speculative_setup(args, model if isinstance(model, GPT) else None, tokenizer)
@@ -252,6 +244,32 @@ def protocol(
         "fid": fid_protocol,
         "code_version": code_version(),
     }
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, generator: str, tokenizer: str) -> None:
+    """``--generator`` / ``--tokenizer`` (with these helps) and ``--ema``: the weights that
+    sample.py and the post-training pairs load."""
+    p.add_argument("--generator", required=True, help=generator)
+    p.add_argument("--tokenizer", help=tokenizer)
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA generator weights (default: when the checkpoint has them)",
+    )
+
+
+def ar_config(args: argparse.Namespace, cfg_scale: float) -> SamplingConfig:
+    """AR sampling settings from the flags that sample.py and the post-training pairs share."""
+    return SamplingConfig(
+        cfg_scale,
+        args.cfg_schedule,
+        tuple(args.cfg_interval),
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.cfg_power,
+    )
 
 
 def diffusion_config(args: argparse.Namespace, model, cfg_scale: float) -> DiffusionSampling:

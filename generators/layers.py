@@ -91,21 +91,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """``dropout`` on the output projection; ``attn_dropout`` on the attention probabilities
-    (LlamaGen: 0.1 and 0.0)."""
+    """Causal self-attention: ``dropout`` on the output projection, ``attn_dropout`` on the
+    attention probabilities (LlamaGen: 0.1 and 0.0)."""
 
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        dropout: float = 0.0,
-        causal: bool = True,
-        attn_dropout: float = 0.0,
-    ):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.head_dim, self.causal = heads, dim // heads, causal
+        self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.attn_dropout, self.resid_dropout = attn_dropout, nn.Dropout(dropout)
@@ -119,7 +112,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout = self.attn_dropout if self.training else 0.0
         if start is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             if self.cache is None:
                 raise RuntimeError("call setup_cache() before decoding with start=")
@@ -153,18 +146,20 @@ def ffn_hidden(dim: int, multiple_of: int = 256) -> int:
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: RMSNorm -> causal attention, RMSNorm -> SwiGLU, residuals."""
+
     def __init__(
         self,
         dim: int,
         heads: int,
+        *,
         dropout: float = 0.0,
-        causal: bool = True,
         multiple_of: int = 256,
         attn_dropout: float = 0.0,
     ):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
-        self.attn = Attention(dim, heads, dropout, causal, attn_dropout)
+        self.attn = Attention(dim, heads, dropout, attn_dropout)
         self.ffn = SwiGLU(dim, ffn_hidden(dim, multiple_of), dropout)
 
     def forward(

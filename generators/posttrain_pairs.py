@@ -51,6 +51,7 @@ from vistok.data.pairs import FORMAT, META, sample_seed
 from vistok.data.stream import expand_shards
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
+from vistok.generators.inference import add_checkpoint_args, ar_config
 from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig
 from vistok.generators.teacher_forcing import partially_denoised, teacher_forced
 from vistok.tokenizers.checkpoint import TokenizerMismatch, recorded_source, resolve_tokenizer
@@ -223,15 +224,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
     tokenizer = tok.tokenizer
     if isinstance(model, GPT):
         args.cfg = 6.0 if args.cfg is None else args.cfg
-        config = SamplingConfig(
-            args.cfg if model.num_classes else 1.0,
-            args.cfg_schedule,
-            tuple(args.cfg_interval),
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.cfg_power,
-        )
+        config = ar_config(args, args.cfg if model.num_classes else 1.0)
         regenerate = teacher_forcing(model, args, config)
         protocol = {
             "mode": "teacher_forcing",
@@ -316,8 +309,9 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    p.add_argument("--generator", required=True, help="AR generator checkpoint or folder")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the generator's")
+    add_checkpoint_args(
+        p, "AR generator checkpoint or folder", "tokenizer checkpoint; default: the generator's"
+    )
     p.add_argument("--shards", help="real image shards (brace pattern); default: embedded data")
     p.add_argument("--split", default="train", help="split name (output shard prefix)")
     p.add_argument("--out", required=True, help="output folder (shards + meta.json)")
@@ -351,12 +345,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
-    p.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="EMA generator weights (default: when the checkpoint has them)",
-    )
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")

@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from vistok.evaluation.ref_batch import RefBatchError
-from vistok.generators.inference import DEFAULT_STEPS, sample
+from vistok.generators.inference import DEFAULT_STEPS, add_checkpoint_args, sample
 from vistok.generators.sampling import CFG_SCHEDULES
 from vistok.tokenizers.checkpoint import TokenizerMismatch
 
@@ -51,8 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Sample images from a generator checkpoint.", allow_abbrev=False
     )
-    p.add_argument("--generator", required=True, help="generator checkpoint (.ckpt)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint; default: the one it was trained on")
+    add_checkpoint_args(
+        p,
+        "generator checkpoint (.ckpt)",
+        "tokenizer checkpoint; default: the one it was trained on",
+    )
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
@@ -97,12 +100,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lantern-delta", type=float, default=0.1, help="TV budget per token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", choices=["balanced", "random"], default="balanced")
-    p.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="EMA generator weights (default: when the checkpoint has them)",
-    )
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--save-png", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(

@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vistok.common.configurable import Configurable
+from vistok.losses.perceptual import FrozenNet
 
 
 def image_gradients(images: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,7 +120,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-class TeacherTarget(FeatureTarget):
+class TeacherTarget(FeatureTarget, FrozenNet):
     """Patch features of a frozen timm vision transformer, on the tokenizer's patch grid.
 
     ``model`` is a timm model name (e.g. ``vit_base_patch14_dinov2.lvd142m``,
@@ -157,23 +158,13 @@ class TeacherTarget(FeatureTarget):
                     f"{weights} does not fit timm model {model!r}: missing {missing[:10]}, "
                     f"unexpected {unexpected[:10]}"
                 )
-        net.requires_grad_(False).eval()
-        self.__dict__["net"] = net  # a plain attribute: never in a state_dict or checkpoint
+        self.hold(net)  # a plain attribute: never in a state_dict or checkpoint
         cfg = net.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.input_size = tuple(net.patch_embed.img_size)
         self.grid = grid
         self.dim = net.num_features
-        self.train(False)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.net._apply(fn, recurse)
-        return self
-
-    def train(self, mode: bool = True):
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

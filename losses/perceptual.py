@@ -163,7 +163,25 @@ class _LPIPSNet(nn.Module):
         return dist
 
 
-class LPIPS(nn.Module):
+class FrozenNet(nn.Module):
+    """Holds a frozen network ``net`` outside the module tree (see the module docstring): never
+    in a ``state_dict``, checkpoint or optimizer, always in eval mode, yet moved by ``.to()``."""
+
+    def hold(self, net: nn.Module) -> None:
+        net.requires_grad_(False).eval()
+        self.__dict__["net"] = net
+        self.train(False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.net._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class LPIPS(FrozenNet):
     """LPIPS-VGG distance between images in [-1, 1]: ``forward(x, y) -> (B,)``.
 
     Frozen and always in eval mode. ``weights_path`` names a converted safetensors file; without
@@ -175,18 +193,7 @@ class LPIPS(nn.Module):
         net = _LPIPSNet()
         path = Path(weights_path) if weights_path is not None else ensure_weights()
         net.load_state_dict(load_file(str(path)), strict=True)
-        net.requires_grad_(False).eval()
-        # A plain attribute, not a submodule: see the module docstring.
-        self.__dict__["net"] = net
-        self.train(False)
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.net._apply(fn, recurse)
-        return self
-
-    def train(self, mode: bool = True):
-        return super().train(False)
+        self.hold(net)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self.net(x, y)  # (B,)
