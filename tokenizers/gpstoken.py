@@ -185,6 +185,14 @@ GPSTOKEN_PRESETS: dict[str, dict] = {
 }
 
 
+class GPSTokenArgs(ConvArgs, total=False):
+    num_tokens: int
+    texture_channels: int
+    width: int  # region transformer
+    depth: int
+    num_heads: int
+
+
 class GPSToken(Tokenizer):
     """Images <-> N Gaussian tokens (B, 5 + c, N), continuous codes (a plain autoencoder).
 
@@ -197,30 +205,16 @@ class GPSToken(Tokenizer):
         self,
         preset: str = "gps_m128",
         resolution: int = 256,
-        num_tokens: int | None = None,
-        texture_channels: int | None = None,
-        width: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
         renderer: str = "dense",
         tile: int = 16,
         roi_size: int = 2,
         sigma_scale: float = 2 / 3,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[GPSTokenArgs],
     ):
-        cfg = resolve_preset(
-            GPSTOKEN_PRESETS,
-            preset,
-            num_tokens=num_tokens,
-            texture_channels=texture_channels,
-            width=width,
-            depth=depth,
-            num_heads=num_heads,
-            **cnn,
-        )
+        cfg = resolve_preset(GPSTOKEN_PRESETS, preset, **sizes)
         conv = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg}
         heads = cfg["num_heads"]
-        if num_heads is None and cfg["width"] % heads:
+        if sizes.get("num_heads") is None and cfg["width"] % heads:
             heads = max(1, cfg["width"] // 64)  # a narrowed preset keeps 64-wide heads
         encoder = GPSEncoder(
             num_tokens=cfg["num_tokens"],
