@@ -20,18 +20,21 @@ BINARY_PRESETS: dict[str, dict] = {
 }
 
 
+class BinaryArgs(ConvArgs, total=False):
+    bits: int  # Bernoulli bits per position
+
+
 class BinaryTokenizer(Tokenizer):
     def __init__(
         self,
         preset: str = "f16_b32",
         resolution: int = 256,
-        bits: int | None = None,
         temperature: float = 1.0,
         temperature_end: float | None = None,
         anneal_steps: int = 0,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[BinaryArgs],
     ):
-        cfg = resolve_preset(BINARY_PRESETS, preset, bits=bits, **cnn)
+        cfg = resolve_preset(BINARY_PRESETS, preset, **sizes)
         encoder, decoder = conv_nets(cfg)
         quantizer = BernoulliQuantizer(
             bits=cfg["bits"],

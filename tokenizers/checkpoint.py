@@ -213,31 +213,31 @@ def resolve_tokenizer(recorded: dict, path: str | None = None, device="cpu") -> 
     was post-trained from the recorded one with its encoder and quantizer verified unchanged
     (``load_derived``)."""
     chosen = path or recorded.get("folder") or recorded["path"]
-    if not str(chosen).endswith(".ckpt"):
+    exported = not str(chosen).endswith(".ckpt")
+    if exported:
         tok = read_tokenizer(chosen, device=device)
-        if tok.identity["sha256"] != recorded["sha256"]:
-            derived = load_derived(chosen, recorded, device)  # post-trained from it, codes intact
-            if derived is not None:
-                return derived
-            raise TokenizerMismatch(
-                f"tokenizer {chosen} was exported from a checkpoint with sha256 "
-                f"{str(tok.identity['sha256'])[:12]}, not the one this generator was trained on "
-                f"({recorded['path']}, sha256 {recorded['sha256'][:12]})"
-            )
-        return tok
-    if not Path(chosen).is_file():
+        sha = str(tok.identity["sha256"])
+    elif not Path(chosen).is_file():
         raise FileNotFoundError(
             f"tokenizer checkpoint {chosen} not found; pass --tokenizer (its sha256 must be "
             f"{recorded['sha256']})"
         )
-    sha = file_sha256(chosen)
+    else:
+        sha = file_sha256(chosen)
     if sha != recorded["sha256"]:
         derived = load_derived(chosen, recorded, device)  # post-trained from it, codes intact
         if derived is not None:
             return derived
-        raise TokenizerMismatch(
-            f"tokenizer {chosen} (sha256 {sha[:12]}) is not the one this generator was trained "
-            f"on: {recorded['path']} (sha256 {recorded['sha256'][:12]}). Its codes would mean "
-            "something else; use the generator's tokenizer."
+        what = (
+            f"was exported from a checkpoint with sha256 {sha[:12]}, not"
+            if exported
+            else f"(sha256 {sha[:12]}) is not"
         )
+        raise TokenizerMismatch(
+            f"tokenizer {chosen} {what} the one this generator was trained on ({recorded['path']}"
+            f", sha256 {recorded['sha256'][:12]}). Its codes would mean something else; use the "
+            "generator's tokenizer."
+        )
+    if exported:
+        return tok
     return read_tokenizer(chosen, recorded.get("ema", True), device)

@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
+from typing_extensions import Unpack
 
-from vistok.tokenizers.nets.diffusers_vae import DiffusersDecoder, DiffusersEncoder
+from vistok.tokenizers.nets.diffusers_vae import DiffusersDecoder, DiffusersEncoder, VAESizes
 from vistok.tokenizers.quantizers.gaussian import DiagonalGaussian
 from vistok.tokenizers.tokenizer import Tokenizer, resolve_preset
 
@@ -44,6 +45,14 @@ DIFFUSERS_VAE_PRESETS: dict[str, dict] = {
 }
 
 
+class DiffusersKLArgs(VAESizes, total=False):
+    """A released VAE's config values, each overridable (absent: the preset's)."""
+
+    use_quant_conv: bool
+    scaling_factor: float
+    shift_factor: float | None
+
+
 class DiffusersKL(Tokenizer):
     """A diffusers ``AutoencoderKL`` of DownEncoderBlock2D/UpDecoderBlock2D layout."""
 
@@ -51,33 +60,14 @@ class DiffusersKL(Tokenizer):
         self,
         preset: str = "sd_vae",
         resolution: int = 256,
-        latent_channels: int | None = None,
-        block_out_channels: list[int] | None = None,
-        layers_per_block: int | None = None,
-        norm_num_groups: int | None = None,
         act_fn: str = "silu",
         mid_block_add_attention: bool = True,
-        use_quant_conv: bool | None = None,
-        scaling_factor: float | None = None,
-        shift_factor: float | None = None,
         kl_weight: float = 1e-6,
+        **sizes: Unpack[DiffusersKLArgs],
     ):
-        cfg = resolve_preset(
-            DIFFUSERS_VAE_PRESETS,
-            preset,
-            latent_channels=latent_channels,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            norm_num_groups=norm_num_groups,
-            use_quant_conv=use_quant_conv,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-        )
+        cfg = resolve_preset(DIFFUSERS_VAE_PRESETS, preset, **sizes)
         nets = dict(
-            latent_channels=cfg["latent_channels"],
-            block_out_channels=cfg["block_out_channels"],
-            layers_per_block=cfg["layers_per_block"],
-            norm_num_groups=cfg["norm_num_groups"],
+            {k: cfg[k] for k in VAESizes.__annotations__},
             act_fn=act_fn,
             mid_block_add_attention=mid_block_add_attention,
         )

@@ -19,16 +19,19 @@ KL_PRESETS: dict[str, dict] = {
 }
 
 
+class KLArgs(ConvArgs, total=False):
+    latent_channels: int  # channels of the Gaussian latent
+
+
 class KLTokenizer(Tokenizer):
     def __init__(
         self,
         preset: str = "kl_f8c4",
         resolution: int = 256,
-        latent_channels: int | None = None,
         kl_weight: float = 1e-6,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[KLArgs],
     ):
-        cfg = resolve_preset(KL_PRESETS, preset, latent_channels=latent_channels, **cnn)
+        cfg = resolve_preset(KL_PRESETS, preset, **sizes)
         encoder, decoder = conv_nets(cfg)
         quantizer = DiagonalGaussian(channels=cfg["latent_channels"], kl_weight=kl_weight)
         super().__init__(encoder, quantizer, decoder, resolution)

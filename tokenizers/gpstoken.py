@@ -67,30 +67,47 @@ def token_names(texture_channels: int) -> list[str]:
     return [*GEOMETRY, *(f"texture_{i}" for i in range(texture_channels))]
 
 
+class GPSTokenArgs(ConvArgs, total=False):
+    num_tokens: int
+    texture_channels: int
+    width: int  # region transformer
+    depth: int
+    num_heads: int
+
+
+# The region transformer of the paper's main model (``gps_m128``).
+REGION_DEFAULTS: GPSTokenArgs = {
+    "num_tokens": 128,
+    "texture_channels": 16,
+    "width": 512,
+    "depth": 6,
+    "num_heads": 8,
+}
+
+
 class GPSEncoder(Configurable, nn.Module):
     """Images (B, 3, H, W) -> tokens (B, 5 + texture_channels, N)."""
 
     def __init__(
         self,
-        num_tokens: int = 128,
-        texture_channels: int = 16,
-        width: int = 512,
-        depth: int = 6,
-        num_heads: int = 8,
         roi_size: int = 2,
         sigma_scale: float = 2 / 3,
         entropy_bins: int = 32,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[GPSTokenArgs],
     ):
         super().__init__()
-        self.num_tokens, self.texture_channels = num_tokens, texture_channels
+        a = {**REGION_DEFAULTS, **sizes}
+        width, texture_channels = a["width"], a["texture_channels"]
+        self.num_tokens, self.texture_channels = a["num_tokens"], texture_channels
         self.z_channels = 5 + texture_channels
         self.roi_size, self.sigma_scale, self.entropy_bins = roi_size, sigma_scale, entropy_bins
-        self.cnn = Encoder(**cnn)
+        self.cnn = Encoder(**{k: v for k, v in a.items() if k not in REGION_DEFAULTS})
         feat = self.cnn.z_channels
         self.roi_embed = nn.Linear(feat * roi_size * roi_size, width)
         self.geometry_embed = nn.Linear(5, width)
-        self.blocks = nn.ModuleList(Block(width, num_heads, qkv_bias=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, a["num_heads"], qkv_bias=True) for _ in range(a["depth"])
+        )
         self.norm = nn.LayerNorm(width)
         self.geometry_head = nn.Linear(width, 5)
         self.texture_head = nn.Linear(width, texture_channels)
@@ -179,7 +196,7 @@ _CNN = dict(
 )
 
 GPSTOKEN_PRESETS: dict[str, dict] = {
-    "gps_m128": dict(_CNN, num_tokens=128, texture_channels=16, width=512, depth=6, num_heads=8),
+    "gps_m128": dict(_CNN, **REGION_DEFAULTS),
     "gps_m256": dict(_CNN, num_tokens=256, texture_channels=16, width=512, depth=6, num_heads=8),
     "gps_l128": dict(_CNN, num_tokens=128, texture_channels=16, width=768, depth=12, num_heads=12),
 }
@@ -197,41 +214,19 @@ class GPSToken(Tokenizer):
         self,
         preset: str = "gps_m128",
         resolution: int = 256,
-        num_tokens: int | None = None,
-        texture_channels: int | None = None,
-        width: int | None = None,
-        depth: int | None = None,
-        num_heads: int | None = None,
         renderer: str = "dense",
         tile: int = 16,
         roi_size: int = 2,
         sigma_scale: float = 2 / 3,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[GPSTokenArgs],
     ):
-        cfg = resolve_preset(
-            GPSTOKEN_PRESETS,
-            preset,
-            num_tokens=num_tokens,
-            texture_channels=texture_channels,
-            width=width,
-            depth=depth,
-            num_heads=num_heads,
-            **cnn,
-        )
-        conv = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg}
+        cfg = resolve_preset(GPSTOKEN_PRESETS, preset, **sizes)
         heads = cfg["num_heads"]
-        if num_heads is None and cfg["width"] % heads:
+        if sizes.get("num_heads") is None and cfg["width"] % heads:
             heads = max(1, cfg["width"] // 64)  # a narrowed preset keeps 64-wide heads
-        encoder = GPSEncoder(
-            num_tokens=cfg["num_tokens"],
-            texture_channels=cfg["texture_channels"],
-            width=cfg["width"],
-            depth=cfg["depth"],
-            num_heads=heads,
-            roi_size=roi_size,
-            sigma_scale=sigma_scale,
-            **conv,
-        )
+        sized = {k: cfg[k] for k in GPSTokenArgs.__annotations__ if k in cfg}
+        encoder = GPSEncoder(roi_size, sigma_scale, **{**sized, "num_heads": heads})
+        conv = {k: cfg[k] for k in ConvArgs.__annotations__ if k in cfg}
         decoder = GPSDecoder(
             resolution, cfg["texture_channels"], renderer=renderer, tile=tile, **conv
         )

@@ -23,10 +23,11 @@ encoder and the decoder) share their names with the CNN families so that one siz
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from vistok.tokenizers.nets.vit import ViTDecoder, ViTEncoder
 from vistok.tokenizers.quantizers.base import Quantizer
@@ -134,6 +135,30 @@ _DEFAULTS = dict(
 )
 
 
+class Tokenizer1DArgs(TypedDict, total=False):
+    """Every value a preset sets, each overridable (absent: the preset's, then ``_DEFAULTS``)."""
+
+    channels: int  # transformer width
+    num_res_blocks: int  # transformer blocks in the encoder and in the decoder
+    num_heads: int
+    patch_size: int
+    num_latents: int
+    quantizer: QuantizerName
+    codebook_size: int
+    code_dim: int
+    levels: list[int]
+    bits: int
+    temperature: float
+    kl_weight: float
+    ema_decay: float | None
+    dead_code_threshold: float
+    restart_every: int
+    nested_dropout: NestedDropout
+    causal_latents: bool
+    mlp_ratio: float
+    mask_ratio: tuple[float, float] | None
+
+
 class Tokenizer1D(Tokenizer):
     """ViT encoder -> K latent tokens -> any quantizer -> ViT decoder; codes laid out (B, K, ...).
 
@@ -148,32 +173,12 @@ class Tokenizer1D(Tokenizer):
         self,
         preset: str = "titok_b64",
         resolution: int = 256,
-        channels: int | None = None,
-        num_res_blocks: int | None = None,
-        num_heads: int | None = None,
-        patch_size: int | None = None,
-        num_latents: int | None = None,
-        quantizer: QuantizerName | None = None,
-        codebook_size: int | None = None,
-        code_dim: int | None = None,
-        levels: list[int] | None = None,
-        bits: int | None = None,
-        temperature: float | None = None,
-        kl_weight: float | None = None,
-        ema_decay: float | None = None,
-        dead_code_threshold: float | None = None,
-        restart_every: int | None = None,
-        nested_dropout: NestedDropout | None = None,
-        causal_latents: bool | None = None,
-        mlp_ratio: float | None = None,
-        mask_ratio: tuple[float, float] | None = None,
+        **sizes: Unpack[Tokenizer1DArgs],
     ):
-        given = {k: v for k, v in locals().items() if k not in ("self", "__class__", "preset")}
-        given.pop("resolution")
-        cfg = {**_DEFAULTS, **resolve_preset(TOKENIZER_1D_PRESETS, preset, **given)}
+        cfg = {**_DEFAULTS, **resolve_preset(TOKENIZER_1D_PRESETS, preset, **sizes)}
         width = cfg["channels"]
         heads = cfg.get("num_heads")
-        if num_heads is None and (heads is None or width % heads):
+        if sizes.get("num_heads") is None and (heads is None or width % heads):
             heads = max(1, width // 64)  # a narrowed preset keeps 64-wide heads
         if width % heads:
             raise ValueError(f"channels={width} is not divisible by num_heads={heads}")

@@ -7,13 +7,13 @@ combination of parts can be built directly from ``class_path``/``init_args`` con
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vistok.common.configurable import Configurable
-from vistok.tokenizers.nets.cnn import Decoder, Encoder
+from vistok.tokenizers.nets.cnn import CNNArgs, Decoder, Encoder
 from vistok.tokenizers.quantizers.base import CodeSpace, Quantizer, QuantizerOutput
 
 
@@ -117,19 +117,14 @@ class Tokenizer(Configurable, nn.Module):
         }
 
 
-class ConvArgs(TypedDict, total=False):
-    """Arguments shared by the CNN encoder/decoder pair (see ``nets/cnn.py``)."""
+class ConvArgs(CNNArgs, total=False):
+    """Arguments of the CNN encoder/decoder pair (see ``nets/cnn.py``), as a family takes them.
 
-    channels: int
-    channel_mult: list[int]
-    num_res_blocks: int
-    z_channels: int
-    mid_attention: bool
-    num_mid_blocks: int
-    dropout: float
-    norm_groups: int
-    bias: bool
-    level_attention: bool
+    A family extends it with the rest of what its presets set (``VQArgs``, ``WeTokArgs``, ...) and
+    takes it as ``**sizes``: a key left out means the preset's value (and stays out of the
+    recorded config); arguments with a real default stay explicit in the signature.
+    """
+
     down_padding: str  # encoder only
     decoder_res_blocks: int  # decoder only: ResBlocks per level (default num_res_blocks)
 

@@ -39,23 +39,24 @@ VQ_PRESETS: dict[str, dict] = {
 }
 
 
+class VQArgs(ConvArgs, total=False):
+    codebook_size: int
+    codebook_dim: int
+
+
 class VQTokenizer(Tokenizer):
     def __init__(
         self,
         preset: str = "f16_c16384",
         resolution: int = 256,
-        codebook_size: int | None = None,
-        codebook_dim: int | None = None,
         l2_normalize: bool = True,
         commitment_weight: float = 0.25,
         ema_decay: float | None = None,
         dead_code_threshold: float = 0.0,
         restart_every: int = 0,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[VQArgs],
     ):
-        cfg = resolve_preset(
-            VQ_PRESETS, preset, codebook_size=codebook_size, codebook_dim=codebook_dim, **cnn
-        )
+        cfg = resolve_preset(VQ_PRESETS, preset, **sizes)
         encoder, decoder = conv_nets(cfg)
         quantizer = VectorQuantizer(
             dim=cfg["codebook_dim"],

@@ -40,21 +40,24 @@ WETOK_PRESETS: dict[str, dict] = {
 }
 
 
+class WeTokArgs(ConvArgs, total=False):
+    bits: int  # bits per position, split into ``groups`` lookup-free groups
+    groups: int
+
+
 class WeTok(Tokenizer):
     def __init__(
         self,
         preset: str = "compratio192",
         resolution: int = 256,
-        bits: int | None = None,
-        groups: int | None = None,
         entropy_weight: float = 0.1,
         commitment_weight: float = 0.25,
         temperature: float = 0.01,
         pooled_marginal: bool = False,
         generative: bool = False,
-        **cnn: Unpack[ConvArgs],
+        **sizes: Unpack[WeTokArgs],
     ):
-        cfg = resolve_preset(WETOK_PRESETS, preset, bits=bits, groups=groups, **cnn)
+        cfg = resolve_preset(WETOK_PRESETS, preset, **sizes)
         cfg.setdefault("z_channels", cfg["bits"])
         cfg.setdefault("num_mid_blocks", cfg["num_res_blocks"])
         encoder, decoder = conv_nets(

@@ -33,12 +33,13 @@ Options that express the taming-transformers / LlamaGen network exactly (LlamaGe
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vistok.common.configurable import Configurable
 from vistok.common.nets import num_groups
@@ -208,42 +209,70 @@ def _run_level(level: nn.Module, h: Tensor) -> Tensor:
     return h
 
 
+class CNNArgs(TypedDict, total=False):
+    """The sizes an encoder and its mirrored decoder share; absent keys take ``CNN_DEFAULTS``."""
+
+    channels: int
+    channel_mult: list[int]
+    num_res_blocks: int
+    z_channels: int
+    mid_attention: bool
+    num_mid_blocks: int
+    dropout: float
+    norm_groups: int | None
+    bias: bool
+    level_attention: bool
+
+
+CNN_DEFAULTS: CNNArgs = {
+    "channels": 128,
+    "channel_mult": [1, 1, 2, 2, 4],
+    "num_res_blocks": 2,
+    "z_channels": 256,
+    "mid_attention": True,
+    "num_mid_blocks": 2,
+    "dropout": 0.0,
+    "norm_groups": None,
+    "bias": True,
+    "level_attention": False,
+}
+
+
+def _sizes(arch: CNNArgs) -> tuple[dict, dict]:
+    """(every size with its default, the keyword arguments each ResBlock takes)."""
+    a = {**CNN_DEFAULTS, **arch}
+    return a, dict(dropout=a["dropout"], groups=a["norm_groups"], bias=a["bias"])
+
+
 class Encoder(Configurable, nn.Module):
     """Images (B, in_channels, H, W) -> latents (B, z_channels, H/f, W/f), f = ``downsample``."""
 
     def __init__(
         self,
         in_channels: int = 3,
-        channels: int = 128,
-        channel_mult: list[int] = [1, 1, 2, 2, 4],  # noqa: B006 - recorded in the config as is
-        num_res_blocks: int = 2,
-        z_channels: int = 256,
-        mid_attention: bool = True,
-        num_mid_blocks: int = 2,
-        dropout: float = 0.0,
-        norm_groups: int | None = None,
-        bias: bool = True,
         out_kernel: int = 3,
-        level_attention: bool = False,
         down_padding: Literal["same", "asymmetric"] = "same",
+        **arch: Unpack[CNNArgs],
     ):
         super().__init__()
-        self.z_channels = z_channels
-        block = dict(dropout=dropout, groups=norm_groups, bias=bias)
+        a, block = _sizes(arch)
+        channels, channel_mult, bias = a["channels"], a["channel_mult"], a["bias"]
+        self.z_channels = a["z_channels"]
         self.conv_in = nn.Conv2d(in_channels, channels * channel_mult[0], 3, padding=1, bias=bias)
         levels = []
         in_ch = channels * channel_mult[0]
         last = len(channel_mult) - 1
         for i, mult in enumerate(channel_mult):
             out_ch = channels * mult
-            level = _level(in_ch, out_ch, num_res_blocks, block, level_attention and i == last)
+            attention = a["level_attention"] and i == last
+            level = _level(in_ch, out_ch, a["num_res_blocks"], block, attention)
             level.down = Downsample(out_ch, down_padding) if i < last else nn.Identity()
             levels.append(level)
             in_ch = out_ch
         self.levels = nn.ModuleList(levels)
-        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, **block)
-        self.norm_out = _norm(in_ch, norm_groups)
-        self.conv_out = nn.Conv2d(in_ch, z_channels, out_kernel, padding=out_kernel // 2)
+        self.mid = MidBlocks(in_ch, a["num_mid_blocks"], a["mid_attention"], **block)
+        self.norm_out = _norm(in_ch, a["norm_groups"])
+        self.conv_out = nn.Conv2d(in_ch, self.z_channels, out_kernel, padding=out_kernel // 2)
         self._downsample = 2 ** (len(channel_mult) - 1)
 
     @property
@@ -270,34 +299,26 @@ class Decoder(Configurable, nn.Module):
     def __init__(
         self,
         out_channels: int = 3,
-        channels: int = 128,
-        channel_mult: list[int] = [1, 1, 2, 2, 4],  # noqa: B006 - recorded in the config as is
-        num_res_blocks: int = 2,
-        z_channels: int = 256,
-        mid_attention: bool = True,
-        num_mid_blocks: int = 2,
-        dropout: float = 0.0,
         adaptive_norm: bool = False,
         upsample: Literal["nearest", "depth_to_space"] = "nearest",
         noise_channels: int = 0,
-        norm_groups: int | None = None,
-        bias: bool = True,
-        level_attention: bool = False,
+        **arch: Unpack[CNNArgs],
     ):
         super().__init__()
         if upsample not in ("nearest", "depth_to_space"):
             raise ValueError(f"upsample must be 'nearest' or 'depth_to_space', got {upsample!r}")
-        self.z_channels = z_channels
+        a, block = _sizes(arch)
+        channels, channel_mult, norm_groups = a["channels"], a["channel_mult"], a["norm_groups"]
+        self.z_channels = z_channels = a["z_channels"]
         self.noise_channels = noise_channels
-        block = dict(dropout=dropout, groups=norm_groups, bias=bias)
         in_ch = channels * channel_mult[-1]
         self.conv_in = nn.Conv2d(z_channels + noise_channels, in_ch, 3, padding=1)
-        self.mid = MidBlocks(in_ch, num_mid_blocks, mid_attention, **block)
+        self.mid = MidBlocks(in_ch, a["num_mid_blocks"], a["mid_attention"], **block)
         levels = []
         for i in reversed(range(len(channel_mult))):
             out_ch = channels * channel_mult[i]
-            attention = level_attention and i == len(channel_mult) - 1
-            level = _level(in_ch, out_ch, num_res_blocks, block, attention)
+            attention = a["level_attention"] and i == len(channel_mult) - 1
+            level = _level(in_ch, out_ch, a["num_res_blocks"], block, attention)
             if adaptive_norm:
                 level.norm = AdaptiveGroupNorm(in_ch, z_channels, norm_groups)
             level.up = Upsample(out_ch, upsample) if i > 0 else nn.Identity()

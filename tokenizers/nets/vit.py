@@ -12,10 +12,13 @@ MAETok (Chen et al. 2025, https://arxiv.org/abs/2502.03444) trains the encoder w
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from vistok.common.configurable import Configurable
 
@@ -76,56 +79,89 @@ def sample_patch_mask(
     return mask.to(device)
 
 
-def _blocks(width: int, depth: int, num_heads: int, mlp_ratio: float) -> nn.ModuleList:
-    return nn.ModuleList(
-        Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth)
-    )
-
-
 def _run(blocks: nn.ModuleList, x: Tensor, mask: Tensor | None) -> Tensor:
     for block in blocks:
         x = block(x, attn_mask=mask)
     return x
 
 
-class ViTEncoder(Configurable, nn.Module):
+class ViTArgs(TypedDict, total=False):
+    """The sizes the encoder and the decoder share; absent keys take ``VIT_DEFAULTS``."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    num_latents: int
+    z_channels: int
+    mlp_ratio: float
+
+
+VIT_DEFAULTS: ViTArgs = {
+    "image_size": 256,
+    "patch_size": 16,
+    "width": 768,
+    "depth": 12,
+    "num_heads": 12,
+    "num_latents": 32,
+    "z_channels": 12,
+    "mlp_ratio": 4.0,
+}
+
+
+class _ViT(Configurable, nn.Module):
+    """What the encoder and the decoder share: the sizes, the patch grid, the transformer."""
+
+    def __init__(self, **vit: Unpack[ViTArgs]):
+        super().__init__()
+        a = {**VIT_DEFAULTS, **vit}
+        if a["image_size"] % a["patch_size"]:
+            raise ValueError(
+                f"image_size {a['image_size']} is not a multiple of patch {a['patch_size']}"
+            )
+        self.image_size, self.patch_size = a["image_size"], a["patch_size"]
+        self.num_latents, self.z_channels = a["num_latents"], a["z_channels"]
+        self.width, self.depth = a["width"], a["depth"]
+        self.num_heads, self.mlp_ratio = a["num_heads"], a["mlp_ratio"]
+        self.grid = self.image_size // self.patch_size
+        self.num_patches = self.grid**2
+
+    def _transformer(self) -> nn.ModuleList:
+        """The blocks, built by each subclass where its parameters have always been made (the
+        order of random initialisation stays the same)."""
+        return nn.ModuleList(
+            Block(self.width, self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=True)
+            for _ in range(self.depth)
+        )
+
+
+class ViTEncoder(_ViT):
     """Images (B, 3, H, W) -> latent tokens (B, z_channels, K)."""
 
     def __init__(
         self,
-        image_size: int = 256,
-        patch_size: int = 16,
-        width: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        num_latents: int = 32,
-        z_channels: int = 12,
-        mlp_ratio: float = 4.0,
         causal_latents: bool = False,
         in_channels: int = 3,
         mask_ratio: tuple[float, float] | None = None,
+        **vit: Unpack[ViTArgs],
     ):
-        super().__init__()
         if mask_ratio is not None:
             lo, hi = mask_ratio
             if not 0.0 <= lo <= hi < 1.0:
                 raise ValueError(
                     f"mask_ratio must be (lo, hi) with 0 <= lo <= hi < 1, got {mask_ratio}"
                 )
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch_size}")
-        self.image_size, self.patch_size = image_size, patch_size
-        self.num_latents, self.z_channels = num_latents, z_channels
+        super().__init__(**vit)
         self.causal_latents = causal_latents
-        self.num_patches = (image_size // patch_size) ** 2
-        scale = width**-0.5
-        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        width, scale, p = self.width, self.width**-0.5, self.patch_size
+        self.patch_embed = nn.Conv2d(in_channels, width, p, stride=p)
         # Learned, but started from a 2D sine-cosine code so patches know where they are at once.
-        self.pos_embed = nn.Parameter(sincos_2d(image_size // patch_size, width))
-        self.latents = nn.Parameter(scale * torch.randn(num_latents, width))
-        self.blocks = _blocks(width, depth, num_heads, mlp_ratio)
+        self.pos_embed = nn.Parameter(sincos_2d(self.grid, width))
+        self.latents = nn.Parameter(scale * torch.randn(self.num_latents, width))
+        self.blocks = self._transformer()
         self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, z_channels)
+        self.proj = nn.Linear(width, self.z_channels)
         self.mask_ratio = tuple(mask_ratio) if mask_ratio is not None else None
         if mask_ratio is not None:  # only then: other encoders keep their state_dict
             self.mask_token = nn.Parameter(scale * torch.randn(width))
@@ -160,7 +196,7 @@ class ViTEncoder(Configurable, nn.Module):
         return rearrange(z, "b k c -> b c k")
 
 
-class ViTDecoder(Configurable, nn.Module):
+class ViTDecoder(_ViT):
     """Latent tokens (B, z_channels, K) -> images (B, 3, H, W).
 
     ``num_tokens`` (an int or a (B,) tensor) keeps only the first k latents and puts a learned
@@ -170,32 +206,19 @@ class ViTDecoder(Configurable, nn.Module):
     """
 
     def __init__(
-        self,
-        image_size: int = 256,
-        patch_size: int = 16,
-        width: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        num_latents: int = 32,
-        z_channels: int = 12,
-        mlp_ratio: float = 4.0,
-        out_channels: int = 3,
-        feature_dim: int | None = None,
+        self, out_channels: int = 3, feature_dim: int | None = None, **vit: Unpack[ViTArgs]
     ):
-        super().__init__()
-        self.image_size, self.patch_size = image_size, patch_size
-        self.num_latents, self.z_channels = num_latents, z_channels
-        self.grid = image_size // patch_size
-        self.num_patches = self.grid**2
-        scale = width**-0.5
-        self.embed = nn.Linear(z_channels, width)
-        self.latent_pos = nn.Parameter(scale * torch.randn(num_latents, width))
+        super().__init__(**vit)
+        width, scale = self.width, self.width**-0.5
+        self.embed = nn.Linear(self.z_channels, width)
+        self.latent_pos = nn.Parameter(scale * torch.randn(self.num_latents, width))
         self.dropped_token = nn.Parameter(scale * torch.randn(width))  # stands for dropped latents
         self.mask_token = nn.Parameter(scale * torch.randn(width))  # every patch position
         self.pos_embed = nn.Parameter(sincos_2d(self.grid, width))
-        self.blocks = _blocks(width, depth, num_heads, mlp_ratio)
+        self.blocks = self._transformer()
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, feature_dim or patch_size * patch_size * out_channels)
+        p = self.patch_size
+        self.head = nn.Linear(width, feature_dim or p * p * out_channels)
 
     @property
     def last_layer(self) -> Tensor:
