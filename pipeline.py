@@ -31,6 +31,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             "--config=tokenizer/wetok.yaml",
             "--config=presets/cpu_demo.yaml",
             "--config=eval/reconstruction_small.yaml",
+            "--trainer.max_steps=400",
             "--trainer.callbacks.init_args.every_n_steps=400",  # once, at the last step
         ],
         generator=["--config=generator/ar_cpu_small.yaml", "--trainer.max_steps=400"],
