@@ -113,7 +113,7 @@ def final_figures(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, help="override trainer.max_steps (default: make's)")
     parser.add_argument("--out", type=Path, help="run folder (default: a new one under runs/)")
     parser.add_argument("--grid-out", type=Path, help="also copy the last reconstruction grid here")
