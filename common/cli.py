@@ -47,6 +47,11 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 # The command line is always handed over as ``args``, after --config lookup and stacking, so
 # LightningCLI's warning about ``args`` next to a non-empty sys.argv is about our own hand-over.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+# The training streams split their shards between loader workers themselves (data/stream.py), so
+# the length Lightning warns about is exact with any number of workers.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+# Lightning's own pytree helper against a newer torch: nothing vistok calls or can change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _find_config(value: str) -> Path:
