@@ -56,11 +56,13 @@ class DistributedAudit(pl.Callback):
         self._patched: dict[str, object] = {}
         self.step_seconds: list[float] = []
         self._step_start = 0.0
+        self.find_unused_parameters: bool | None = None  # None: not under DDP
 
     def on_train_start(self, trainer, pl_module) -> None:
         ddp = trainer.strategy.model
         if not isinstance(ddp, DistributedDataParallel):
             return
+        self.find_unused_parameters = ddp.find_unused_parameters
 
         def count_gradients(state, bucket):
             self.sent["gradients"] += _nbytes(bucket.buffer())
@@ -116,6 +118,8 @@ class DistributedAudit(pl.Callback):
             "median_step_seconds": statistics.median(self.step_seconds[1:] or self.step_seconds),
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
+            # True costs an extra autograd-graph traversal in every backward.
+            "find_unused_parameters": self.find_unused_parameters,
             "global_step": trainer.global_step,
             "train_batches": self.train_batches,
             "train_keys": self.train_keys,
