@@ -52,7 +52,7 @@ class DistributedAudit(pl.Callback):
         self.val_keys: list[str] = []
         self.train_batches = 0
         self.sent: Counter = Counter()  # bytes by category, training steps only
-        self._in_step = False
+        self._in_step = self._in_hook = False
         self._patched: dict[str, object] = {}
         self.step_seconds: list[float] = []
         self._step_start = 0.0
@@ -66,7 +66,11 @@ class DistributedAudit(pl.Callback):
 
         def count_gradients(state, bucket):
             self.sent["gradients"] += _nbytes(bucket.buffer())
-            return allreduce_hook(state, bucket)
+            self._in_hook = True  # the hook's own dist.all_reduce is not "other"
+            try:
+                return allreduce_hook(state, bucket)
+            finally:
+                self._in_hook = False
 
         ddp.register_comm_hook(None, count_gradients)
         names = {id(b): n.split(".")[0] for n, b in ddp.module.named_buffers()}
@@ -84,7 +88,7 @@ class DistributedAudit(pl.Callback):
             self._patched[name] = original
 
             def counted(tensor, *args, _original=original, **kwargs):
-                if self._in_step:
+                if self._in_step and not self._in_hook:
                     self.sent["other"] += _nbytes(tensor)
                 return _original(tensor, *args, **kwargs)
 

@@ -62,6 +62,7 @@ def _check_audits(run_dir, world: int) -> None:
     for a in audits:
         sent = a["bytes_per_step"]
         assert sent["gradients"] > 0 and sent.get("buffers/ema", 0) == 0, sent
+        assert sent.get("other", 0) < sent["gradients"], sent  # gradients counted once
         assert sent.get("buffers/loss", 0) > 0, sent  # what it does broadcast is counted
     # 4 validation shards of 64 samples (keys numbered through the split) for 2 ranks: rank r
     # reads whole shards r and r + 2, and no other.

@@ -114,7 +114,7 @@ def _images(count: int, resolution: int) -> list[Tensor]:
     return [torch.rand(3, resolution, resolution, generator=gen) * 2 - 1 for _ in range(count)]
 
 
-def _vq_gan(cls=TokenizerModule, disc_start: int = 2) -> TokenizerModule:
+def _vq_gan(cls: type[TokenizerModule], disc_start: int) -> TokenizerModule:
     pl.seed_everything(0)
     return cls(
         tokenizer=VQTokenizer(**TINY_VQ),
@@ -137,7 +137,7 @@ def test_one_backward_updates_both_nets_as_two_backwards_did():
     runs = {}
     for cls in (TokenizerModule, TwoBackwards):
         runs[cls] = module = _vq_gan(cls, disc_start)
-        start = module.loss.discriminator.net[0].weight.detach().clone()
+        d_start = module.loss.discriminator.net[0].weight.detach().clone()
         _fit(module, DataLoader(batches, batch_size=2), steps)
         assert module.global_step == steps
     new, old = runs[TokenizerModule], runs[TwoBackwards]
@@ -149,7 +149,7 @@ def test_one_backward_updates_both_nets_as_two_backwards_did():
     # The discriminator's optimizer stepped from disc_start on only, and it did train.
     d_state = new.trainer.optimizers[1].state_dict()["state"]
     assert {int(s["step"]) for s in d_state.values()} == {steps - disc_start}
-    assert not torch.equal(old.loss.discriminator.net[0].weight, start)
+    assert not torch.equal(old.loss.discriminator.net[0].weight, d_start)  # (the last built)
 
 
 def _stage1_checkpoint(tmp_path) -> str:
