@@ -52,19 +52,25 @@ class DistributedAudit(pl.Callback):
         self.val_keys: list[str] = []
         self.train_batches = 0
         self.sent: Counter = Counter()  # bytes by category, training steps only
-        self._in_step = False
+        self._in_step = self._in_hook = False
         self._patched: dict[str, object] = {}
         self.step_seconds: list[float] = []
         self._step_start = 0.0
+        self.find_unused_parameters: bool | None = None  # None: not under DDP
 
     def on_train_start(self, trainer, pl_module) -> None:
         ddp = trainer.strategy.model
         if not isinstance(ddp, DistributedDataParallel):
             return
+        self.find_unused_parameters = ddp.find_unused_parameters
 
         def count_gradients(state, bucket):
             self.sent["gradients"] += _nbytes(bucket.buffer())
-            return allreduce_hook(state, bucket)
+            self._in_hook = True  # the hook's own dist.all_reduce is not "other"
+            try:
+                return allreduce_hook(state, bucket)
+            finally:
+                self._in_hook = False
 
         ddp.register_comm_hook(None, count_gradients)
         names = {id(b): n.split(".")[0] for n, b in ddp.module.named_buffers()}
@@ -82,7 +88,7 @@ class DistributedAudit(pl.Callback):
             self._patched[name] = original
 
             def counted(tensor, *args, _original=original, **kwargs):
-                if self._in_step:
+                if self._in_step and not self._in_hook:
                     self.sent["other"] += _nbytes(tensor)
                 return _original(tensor, *args, **kwargs)
 
@@ -116,6 +122,8 @@ class DistributedAudit(pl.Callback):
             "median_step_seconds": statistics.median(self.step_seconds[1:] or self.step_seconds),
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
+            # True costs an extra autograd-graph traversal in every backward.
+            "find_unused_parameters": self.find_unused_parameters,
             "global_step": trainer.global_step,
             "train_batches": self.train_batches,
             "train_keys": self.train_keys,

@@ -106,19 +106,6 @@ def given_config_names(argv: list[str]) -> list[str]:
     return names
 
 
-def _multi_process(trainer_config: dict) -> bool:
-    devices, nodes = trainer_config.get("devices"), trainer_config.get("num_nodes") or 1
-    if nodes > 1 or int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return True
-    if isinstance(devices, (list, tuple)):
-        return len(devices) > 1
-    if "," in str(devices):
-        return len([d for d in str(devices).split(",") if d.strip()]) > 1
-    if str(devices) in ("auto", "-1"):
-        return torch.cuda.device_count() > 1
-    return int(devices) > 1 if str(devices).isdigit() else False
-
-
 def native_precision(precision, accelerator, automatic_optimization: bool = True):
     """``bf16-mixed`` (the default) where bf16 is native; otherwise the best that is: fp16 with
     loss scaling on older GPUs (manual GAN steps cannot scale: fp32 there), fp32 when
@@ -223,11 +210,6 @@ class VistokCLI(LightningCLI):
         config["precision"] = native_precision(
             config.get("precision"), config.get("accelerator"), self.model.automatic_optimization
         )
-        if config.get("strategy") in ("auto", "ddp") and _multi_process(config):
-            if not self.model.automatic_optimization:
-                # Manual GAN steps leave some parameters out of each backward (the discriminator
-                # in the generator step and vice versa): DDP must look for them.
-                config["strategy"] = "ddp_find_unused_parameters_true"
         if config.get("logger") in (None, True):
             # name="" and version="" put every logger's files straight into the run folder.
             config["logger"] = [

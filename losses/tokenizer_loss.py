@@ -4,14 +4,16 @@ Defaults follow WeTok (https://arxiv.org/abs/2508.05599): L1 and LPIPS-VGG at we
 for the discriminator, non-saturating generator loss at a fixed weight 0.1. LeCAM (0.05 in WeTok)
 and VQGAN's adaptive GAN weight are options.
 
-Two optimisers alternate (generator, then discriminator); ``step`` is the number of GENERATOR
-steps taken so far, so ``disc_start`` does not silently halve when a trainer counts both.
+Two optimisers (generator and discriminator) step once per training step; ``step`` is the number
+of GENERATOR steps taken so far, so ``disc_start`` does not silently halve when a trainer counts
+both.
 
 How the discriminator is kept out of the generator update: ``generator_loss`` runs the
 discriminator through ``torch.func.functional_call`` with its parameters detached. Gradients
 flow to the reconstruction through the discriminator's input, but no ``.grad`` is ever written on
 the discriminator, and no ``requires_grad`` flag is toggled (nothing to restore if a step fails).
-``discriminator_loss`` detaches the reconstruction, so it only trains the discriminator.
+``discriminator_loss`` detaches the reconstruction, so it only trains the discriminator. The two
+losses can therefore be summed and back-propagated once, each net getting its own gradient.
 """
 
 from __future__ import annotations
@@ -138,13 +140,21 @@ class TokenizerLoss(Configurable, nn.Module):
     def discriminator_loss(
         self, images: Tensor, recon: Tensor, step: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Discriminator loss (+ LeCAM); zero before ``disc_start``. ``recon`` is detached here."""
+        """Discriminator loss (+ LeCAM). ``recon`` is detached here.
+
+        Before ``disc_start`` it is zero, yet connected to every trainable discriminator
+        parameter, so that a backward through it gives each a (zero) gradient: DDP without
+        ``find_unused_parameters`` needs that. The discriminator does not run then (its buffers,
+        e.g. BatchNorm statistics, are untouched).
+        """
         if not self.has_discriminator:
             raise RuntimeError("discriminator_loss called on a TokenizerLoss without discriminator")
         zero = images.new_zeros(())
         if not self.gan_active(step):
+            trained = [p.sum() for p in self.discriminator.parameters() if p.requires_grad]
+            total = 0.0 * sum(trained, zero)
             logs = {"d_loss": zero, "lecam_loss": zero, "logits_real": zero, "logits_fake": zero}
-            return zero, {**logs, "d_total": zero}
+            return total, {**logs, "d_total": zero}
         real_logits = self.discriminator(images.detach())  # (B, 1, H', W')
         fake_logits = self.discriminator(recon.detach())
         d_loss = self._d_loss(real_logits, fake_logits)

@@ -1,5 +1,6 @@
 """The same train.py under torchrun: 2 processes on one node, and 2 single-process "nodes"; and
-exact resume with 2 processes."""
+exact resume with 2 processes. The GAN tokenizers run plain DDP (no ``find_unused_parameters``)
+across ``disc_start``, with LeCAM and the adaptive GAN weight."""
 
 import json
 import os
@@ -33,6 +34,9 @@ def _train_args(run_dir, devices: int, nodes: int) -> list[str]:
         "--data.init_args.num_workers=1",
         f"--trainer.devices={devices}",
         f"--trainer.num_nodes={nodes}",
+        # Step 0 without the GAN, steps 1-2 with it (and its autograd.grad-based weight).
+        "--model.init_args.loss.init_args.disc_start=1",
+        "--model.init_args.loss.init_args.adaptive_gan_weight=true",
         "--trainer.max_steps=3",
         "--trainer.val_check_interval=3",
         "--trainer.limit_val_batches=null",
@@ -45,6 +49,8 @@ def _check_audits(run_dir, world: int) -> None:
     audits = [json.loads((run_dir / f"audit_rank{r}.json").read_text()) for r in range(world)]
     # Same number of steps and batches on every rank, and identical weights after them.
     assert {a["global_step"] for a in audits} == {3}
+    # One backward a step reaches every parameter: no graph search for unused ones.
+    assert {a["find_unused_parameters"] for a in audits} == {False}
     assert {a["train_batches"] for a in audits} == {3}
     assert len({round(a["checksum"], 6) for a in audits}) == 1
     # Training data disjoint across ranks; validation covered exactly once.
@@ -56,6 +62,7 @@ def _check_audits(run_dir, world: int) -> None:
     for a in audits:
         sent = a["bytes_per_step"]
         assert sent["gradients"] > 0 and sent.get("buffers/ema", 0) == 0, sent
+        assert sent.get("other", 0) < sent["gradients"], sent  # gradients counted once
         assert sent.get("buffers/loss", 0) > 0, sent  # what it does broadcast is counted
     # 4 validation shards of 64 samples (keys numbered through the split) for 2 ranks: rank r
     # reads whole shards r and r + 2, and no other.
@@ -146,3 +153,7 @@ def test_two_processes_resume_bit_for_bit(tmp_path, monkeypatch):
         ]
         assert draws[0][5:] == draws[1]
     assert not set(keys(straight, 0)) & set(keys(straight, 1))  # each rank its own shard
+    # Plain DDP across disc_start (step 2 here).
+    assert (
+        json.loads((straight / "audit_rank0.json").read_text())["find_unused_parameters"] is False
+    )

@@ -102,18 +102,20 @@ class MaskModeling(Configurable, nn.Module):
             self.names.append(name)
             self.weights.append(weight)
             self.targets.append(target)
-            self.decoders.append(
-                ViTDecoder(
-                    image_size=encoder.image_size,
-                    patch_size=patch,
-                    width=width,
-                    depth=self.depth,
-                    num_heads=heads,
-                    num_latents=encoder.num_latents,
-                    z_channels=tokenizer.code_space.channels,
-                    feature_dim=target.dim,
-                )
+            aux = ViTDecoder(
+                image_size=encoder.image_size,
+                patch_size=patch,
+                width=width,
+                depth=self.depth,
+                num_heads=heads,
+                num_latents=encoder.num_latents,
+                z_channels=tokenizer.code_space.channels,
+                feature_dim=target.dim,
             )
+            # It always sees every latent: the token for dropped ones would never get a gradient
+            # (frozen, so that every trainable parameter gets one in each step under DDP).
+            aux.dropped_token.requires_grad_(False)
+            self.decoders.append(aux)
         return self
 
     def _apply(self, fn, recurse: bool = True):

@@ -200,6 +200,11 @@ class Tokenizer1D(Tokenizer):
             mask_ratio=cfg["mask_ratio"],
         )
         decoder = ViTDecoder(**nets, z_channels=q.code_space.channels)
+        if cfg["nested_dropout"] == "none":
+            # Training never drops a latent, so the token standing for dropped ones never gets a
+            # gradient: frozen, so that every trainable parameter gets one in each step (DDP
+            # without find_unused_parameters). It stays in the state dict (prefix decoding).
+            decoder.dropped_token.requires_grad_(False)
         super().__init__(encoder, q, decoder, resolution)
         self.num_latents = cfg["num_latents"]
         self.nested_dropout: NestedDropout = cfg["nested_dropout"]

@@ -5,6 +5,15 @@ optimizer goes through Lightning's wrapper, so ``global_step`` counts generator 
 wrapped optimizers Lightning counts both (Lightning #17958) and "discriminator starts at step N"
 would silently mean N/2. fp16 loss scaling is therefore not supported; use bf16-mixed or 32.
 
+Each step takes ONE backward, over the generator loss plus the discriminator loss. Under DDP
+without ``find_unused_parameters`` (which costs a traversal of the autograd graph every backward),
+each ``manual_backward`` must give every trainable parameter a gradient; a generator backward and
+then a discriminator backward would each leave the other net out. The sum has exactly the
+gradients of the two separate backwards: the generator loss runs the discriminator on detached
+parameters and the discriminator loss takes a detached reconstruction. Before ``disc_start`` the
+discriminator loss is a zero that still reaches each discriminator parameter (zero gradients;
+the discriminator does not run) and the discriminator's optimizer and schedule do not step.
+
 Stages:
 - ``main``: everything trains.
 - ``generative_decoder``: WeTok stage 2. Encoder, projection and quantizer are frozen; the decoder
@@ -215,19 +224,51 @@ class TokenizerModule(pl.LightningModule):
             )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        step = self.global_step  # generator steps only (see module docstring)
+        images, recon, g_loss, logs = self._generator_loss(batch, step)
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        scheds = self.lr_schedulers()
+        scheds = scheds if isinstance(scheds, list) else [scheds]
+        # One backward over both nets' losses (see module docstring): the generator loss does not
+        # reach the discriminator's parameters and the discriminator loss sees a detached
+        # reconstruction, so each net gets exactly the gradient of its own loss.
+        loss, gan = g_loss, self.loss.gan_active(step)
+        if self.loss.has_discriminator:
+            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), step)
+            loss = loss + d_loss  # before disc_start: a zero reaching every D parameter
+            if gan:
+                logs.update(d_logs)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._clip(opts[0])
+        opts[0].step()
+        scheds[0].step()
+        if self.ema is not None:
+            self.ema.update()
+        if gan:  # the discriminator's optimizer and schedule move from disc_start on only
+            self._clip(opts[1])
+            opts[1].optimizer.step()  # unwrapped on purpose: keeps global_step = generator steps
+            scheds[1].step()
+        logs.pop("loss", None)
+        self.log_dict({f"train/{k}": torch.as_tensor(v).float() for k, v in logs.items()})
+        self.log("train/loss", g_loss.detach(), prog_bar=True)
+
+    def _generator_loss(
+        self, batch: dict[str, Any], step: int
+    ) -> tuple[Tensor, Tensor, Tensor, dict]:
+        """The tokenizer's side of a training step: the images (B, 3, H, W) in [-1, 1], their
+        reconstruction, the generator loss and the logs."""
         images = batch["image"]  # (B, 3, H, W) in [-1, 1]
         if getattr(self, "speed", {}).get("channels_last"):
             images = images.contiguous(memory_format=torch.channels_last)
-        step = self.global_step  # generator steps only (see module docstring)
-        opts = self.optimizers()
-        opt_g, opt_d = opts if isinstance(opts, list) else (opts, None)
-
         tok = self.tokenizer
         aux_loss = 0.0
         if self.stage == "post_train":
             # Generated codes through the frozen quantizer; the target is the real image.
             quantized = tok.quantizer.codes_to_latents(batch["codes"])  # (B, C, h, w)
-            quant_loss, quant_stats, logs = 0.0, {}, {}
+            quant_loss, logs = 0.0, {}
         else:
             mask = None  # MAETok: one random patch mask per batch, main stage only
             if self.stage == "main" and getattr(tok, "masks_patches", False):
@@ -236,7 +277,8 @@ class TokenizerModule(pl.LightningModule):
             else:
                 latents = tok.pre_quant(images)  # (B, C_q, h, w)
             q = tok.quantizer(latents)
-            quantized, quant_loss, quant_stats, logs = q.quantized, q.loss, q.stats, {}
+            quantized, quant_loss = q.quantized, q.loss
+            logs = {f"quant/{k}": v for k, v in q.stats.items()}
             if self.mask_modeling is not None and mask is not None:
                 aux_loss, aux_logs = self.mask_modeling(images, quantized, mask)
                 logs.update({f"mask/{k}": v for k, v in aux_logs.items()})
@@ -251,29 +293,7 @@ class TokenizerModule(pl.LightningModule):
         logs.update(g_logs)
         if not torch.isfinite(g_loss):
             raise FloatingPointError(f"non-finite generator loss at step {step}: {logs}")
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
-        self._clip(opt_g)
-        opt_g.step()
-        scheds = self.lr_schedulers()
-        scheds = scheds if isinstance(scheds, list) else [scheds]
-        scheds[0].step()
-        if self.ema is not None:
-            self.ema.update()
-
-        if opt_d is not None and self.loss.gan_active(step):
-            d_loss, d_logs = self.loss.discriminator_loss(images, recon.detach(), step)
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            self._clip(opt_d)
-            opt_d.optimizer.step()  # unwrapped on purpose: keeps global_step = generator steps
-            scheds[1].step()
-            logs.update(d_logs)
-
-        logs.update({f"quant/{k}": v for k, v in quant_stats.items()})
-        logs.pop("loss", None)
-        self.log_dict({f"train/{k}": torch.as_tensor(v).float() for k, v in logs.items()})
-        self.log("train/loss", g_loss.detach(), prog_bar=True)
+        return images, recon, g_loss, logs
 
     def _clip(self, optimizer) -> None:
         if self.hparams.grad_clip:
@@ -283,7 +303,7 @@ class TokenizerModule(pl.LightningModule):
         hp = self.hparams
         params = [p for p in self.tokenizer.parameters() if p.requires_grad]
         if self.mask_modeling is not None:  # the auxiliary decoders train with the tokenizer
-            params += list(self.mask_modeling.parameters())
+            params += [p for p in self.mask_modeling.parameters() if p.requires_grad]
         speed = getattr(self, "speed", None) or resolve(hp.get("speed"), self.device)
         fused = speed["fused_optimizer"] and fused_available(params)
         opt_g = torch.optim.Adam(
