@@ -5,7 +5,10 @@ processes (gloo) since that is what can be measured without GPUs:
   collectives) and the median step time, for a GAN tokenizer and a GPT, with 1 and 2 processes
   (``vistok.common.audit.DistributedAudit`` counts them inside the real ``train.py`` run);
 - rank-0 peak memory (max RSS) of 2-process sampling for two image counts: what rank 0 holds
-  should not grow with the number of images.
+  should not grow with the number of images;
+- validation I/O per rank for 2 ranks: the shards each rank's validation loader opens, the
+  samples those shards hold, the samples the rank keeps and the bytes its process reads, for the
+  tokenizer's images and the GPT's codes.
 
     python bench/distributed_overhead.py [--steps 6] [--images 64 256] [--out /tmp/dist_bench]
 """
@@ -18,7 +21,11 @@ import resource
 import runpy
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+
+from vistok.data.codes import CodeDataModule
+from vistok.data.datamodule import ImageDataModule
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DATA = [
@@ -95,6 +102,56 @@ def worker_sample(folder: str, argv: list[str]) -> None:
     (Path(folder) / f"peak_rank{rank}.json").write_text(json.dumps({"max_rss_mib": peak}))
 
 
+class _Opens:
+    """Paths of the ``.tar`` files this process opens while ``paths`` is a list: a Python audit
+    hook sees every ``open()``, whichever code (vistok's or webdataset's) makes it."""
+
+    def __init__(self):
+        self.paths: list[str] | None = None
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if event == "open" and self.paths is not None and str(args[0]).endswith(".tar"):
+            self.paths.append(str(args[0]))
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() and friends (Linux ``/proc/self/io``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
+def _samples_in(shard: str) -> int:
+    with tarfile.open(shard) as tar:
+        return len({Path(m.name).name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+
+
+def validation_reads(datamodule, world_size: int, opens: _Opens) -> list[dict]:
+    """One validation pass per rank through ``datamodule.val_dataloader(rank, world_size)`` (the
+    loader each rank builds under DDP), run here one rank after another in this process."""
+    ranks = []
+    for rank in range(world_size):
+        loader = datamodule.val_dataloader(rank=rank, world_size=world_size)
+        opens.paths, start = [], _bytes_read()
+        kept = sum(len(batch["key"]) for batch in loader)
+        read, shards = _bytes_read() - start, sorted(set(opens.paths))
+        opens.paths = None
+        held = sum(_samples_in(s) for s in shards)
+        ranks.append({"shards": len(shards), "samples_read": held, "kept": kept, "bytes": read})
+    return ranks
+
+
+def _reads_row(name: str, total_shards: int, ranks: list[dict]) -> str:
+    per_rank = "; ".join(
+        f"rank {r}: {x['shards']}/{total_shards} shards, {x['samples_read']} samples read, "
+        f"{x['kept']} kept, {x['bytes'] / 2**20:.2f} MiB"
+        for r, x in enumerate(ranks)
+    )
+    return f"{name:<10} {per_rank}"
+
+
 def _row(name: str, nproc: int, audit: dict) -> str:
     sent = audit["bytes_per_step"]
     grads = sent.get("gradients", 0) / 2**20
@@ -146,6 +203,15 @@ def main() -> None:
     ]
     for nproc in (1, 2):
         print(_row("gpt", nproc, train(out, "gpt", gpt, nproc, args.steps)), flush=True)
+
+    print("\nvalidation I/O per rank, 2 ranks (one pass, num_workers=0):")
+    opens = _Opens()
+    for name, data in (
+        ("images", ImageDataModule(resolution=32, batch_size=4, num_workers=0)),
+        ("codes", CodeDataModule(root=str(codes), batch_size=8, num_workers=0)),
+    ):
+        ranks = validation_reads(data, 2, opens)
+        print(_reads_row(name, len(data.val_urls()), ranks), flush=True)
 
     generator = str(out / "gpt_1p" / "checkpoints" / "last.ckpt")
     small, large = args.images
