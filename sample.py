@@ -13,11 +13,15 @@ See ``vistok.generators.inference`` for the outputs and the protocol written to 
 
 from typing import Any
 
+from vistok.common.processes import process_teardown
 from vistok.generators.sample_cli import parse_args, sample_or_exit
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    return sample_or_exit(parse_args(argv))
+    try:
+        return sample_or_exit(parse_args(argv))
+    finally:
+        process_teardown()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
 from vistok.generators.gfid import fid_unavailable, make_fid
-from vistok.generators.sampling import SamplingConfig, generate
+from vistok.generators.inference import add_sampling_args, ar_config
+from vistok.generators.sampling import generate
 from vistok.generators.speculative import Neighbours, SpeculativeConfig, speculative_generate
 from vistok.tokenizers.checkpoint import resolve_tokenizer
 
@@ -118,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--batches", type=int, default=4, help="batches timed per mode")
     p.add_argument("--cfg", type=float, default=2.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    add_sampling_args(p)  # the rest of sample.py's AR sampling flags
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--lantern-k", type=int, default=1000)
     p.add_argument("--lantern-delta", type=float, default=0.1)
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --generator, --prepare or --random")
     classes = max(model.num_classes, 1)
     cfg = a.cfg if model.num_classes else 1.0
-    config = SamplingConfig(cfg_scale=cfg, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    config = ar_config(a, cfg)
     exact = SpeculativeConfig(window=a.window)
     relaxed = SpeculativeConfig(
         window=a.window, relaxed="lantern", lantern_k=a.lantern_k, lantern_delta=a.lantern_delta

@@ -49,14 +49,18 @@ def option_values(**options: Unpack[Options]) -> tuple[bool, str | None, int | N
     return options.get("ema", False), options.get("tokenizer"), options.get("resolution")
 
 
-def read_reference(path: str | Path, fmt: str) -> dict[str, Any]:
-    """A reference checkpoint loaded with ``weights_only=True``; unreadable files are refused with
-    the reason and what to do."""
+def read_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
+    """A checkpoint's top-level dict: ``torch.load(weights_only=True)``, or a safetensors file.
+    Unreadable files are refused with the reason and what to do (nothing is unpickled beyond
+    plain tensors)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path} does not exist: give the {fmt} checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            ckpt = load_file(str(path))
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"{path} holds Python objects besides tensors (training checkpoints often keep their "
@@ -64,10 +68,12 @@ def read_reference(path: str | Path, fmt: str) -> dict[str, Any]:
             "environment you trust, re-save only the weights, e.g. "
             "torch.save({'model': ckpt['model']}, 'weights.pt'), and convert that file."
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
         raise ConversionError(
-            f"cannot read {path} ({str(e).splitlines()[0]}): the file is truncated or is not a "
-            "PyTorch checkpoint. Download it again and check its size / SHA-256."
+            f"cannot read {path} ({str(e).splitlines()[0]}): the file is truncated or corrupt, or "
+            "is not a PyTorch or safetensors checkpoint. Download it again and compare its size "
+            "and SHA-256 with the published ones; a file that fails once you download it again "
+            f"is not a {fmt} checkpoint."
         ) from e
     if not isinstance(ckpt, dict):
         raise ConversionError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -167,29 +173,6 @@ def fill_state(
             f"incomplete or not a {fmt} checkpoint."
         )
     module.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
-
-
-def read_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's top-level dict: ``torch.load(weights_only=True)``, or a safetensors file.
-
-    Unreadable files are refused with what to do (never unpickled beyond plain tensors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConversionError(
-            f"{path} holds objects that weights_only=True refuses to unpickle ({e}); load it "
-            "in its own project and re-save its state dict as plain tensors"
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as e:
-        raise ConversionError(
-            f"{path} cannot be read as a PyTorch or safetensors checkpoint ({e}); it is probably "
-            "truncated or corrupt: download it again and compare its size/checksum"
-        ) from e
 
 
 def fit_state(

@@ -24,7 +24,7 @@ from vistok.convert.common import (
     State,
     fit_state,
     option_values,
-    read_state,
+    read_checkpoint,
     write_export,
 )
 from vistok.tokenizers.diffusers_vae import DIFFUSERS_VAE_PRESETS, DiffusersKL
@@ -97,7 +97,7 @@ def convert(checkpoint: str, out: str, **options: Unpack[Options]) -> Path:
     weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
         raise ConversionError(f"{folder} has none of {', '.join(WEIGHT_FILES)}")
-    state: State = read_state(weights)
+    state: State = read_checkpoint(weights, FORMAT)
     model = build(config, resolution or config.get("sample_size", 256))
     # 1x1 conv kernels (O, I, 1, 1) -> the projections' Linear weights (O, I).
     source = {

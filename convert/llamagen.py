@@ -34,7 +34,7 @@ from vistok.convert.common import (
     count_indexed,
     fill_state,
     option_values,
-    read_reference,
+    read_checkpoint,
     rename,
     require,
     state_entry,
@@ -55,7 +55,7 @@ TRAINING_DATA = "ImageNet-1k train (LlamaGen's release), converted with python -
 
 
 def _model_state(path: str, fmt: str, ema: bool) -> State:
-    ckpt = read_reference(path, fmt)
+    ckpt = read_checkpoint(path, fmt)
     if ema and "ema" not in ckpt:
         raise ConversionError(
             f"{path} has no 'ema' weights (top-level keys: {sorted(ckpt)}): convert without --ema"

@@ -28,7 +28,7 @@ from vistok.convert.common import (
     Options,
     fit_state,
     option_values,
-    read_state,
+    read_checkpoint,
     write_export,
 )
 from vistok.tokenizers.wetok import WETOK_PRESETS, WeTok
@@ -141,12 +141,12 @@ def convert(checkpoint: str, out: str, **options: Unpack[Options]) -> Path:
     ema, tokenizer, resolution = option_values(**options)
     if tokenizer is not None:
         raise ConversionError("--tokenizer is for generator formats; a WeTok file is a tokenizer")
-    ckpt = read_state(checkpoint)
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(checkpoint, FORMAT)
+    state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise ConversionError(
             f"{checkpoint} has no 'state_dict': not a WeTok Lightning checkpoint (top-level keys "
-            f"{sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__})"
+            f"{sorted(ckpt)[:5]})"
         )
     arch = read_architecture(state, checkpoint)
     model_keys = [k for k in state if not k.startswith(IGNORED)]

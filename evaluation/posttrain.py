@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from vistok.common.images import save_grid
+from vistok.common.processes import process_teardown
 from vistok.common.summary import batch_progress, closing_summary
 from vistok.data.pairs import PairDataModule, read_pairs_meta
 from vistok.generators.checkpoint import load_generator
@@ -151,9 +152,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recorded = load_generator(args.generator).hparams["tokenizer_identity"]
         before = recorded.get("folder") or recorded["path"]
     if not args.compare_only:
-        for side, tok in (("before", before), ("after", args.after)):
-            own = ["--generator", args.generator, "--tokenizer", tok, "--out", str(out / side)]
-            sample_or_exit(parse_sample_args([*own, *rest]))
+        try:  # both sides in one process group, ended once they are sampled
+            for side, tok in (("before", before), ("after", args.after)):
+                own = ["--generator", args.generator, "--tokenizer", tok, "--out", str(out / side)]
+                sample_or_exit(parse_sample_args([*own, *rest]))
+        finally:
+            process_teardown()
     runs = {s: json.loads((out / s / "results.json").read_text()) for s in ("before", "after")}
     results = compare(runs["before"], runs["after"])
     results["runs"] = {s: f"{s}/results.json" for s in runs}

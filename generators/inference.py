@@ -41,7 +41,7 @@ from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import GeneratorCheckpoint, load_generator
 from vistok.generators.diffusion import DiffusionSampling
 from vistok.generators.gfid import fid_unavailable, make_fid
-from vistok.generators.sampling import SamplingConfig, generate
+from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig, generate
 from vistok.generators.speculative import (
     Neighbours,
     SpeculativeConfig,
@@ -94,7 +94,8 @@ def batch_seed(seed: int, batch: int) -> int:
 
 def sample(args: argparse.Namespace) -> dict[str, Any] | None:
     """Sample, write the outputs and results.json; returns the results on rank 0. ``args``
-    holds sample.py's options (``vistok.generators.sample_cli.parse_args``)."""
+    holds sample.py's options (``vistok.generators.sample_cli.parse_args``). A process group it
+    starts stays up for the next call; the command ends it (``process_teardown``)."""
     rank, world, device = process_setup()
     gen = load_generator(args.generator, args.ema, device)
     tok = resolve_tokenizer(gen.hparams["tokenizer_identity"], args.tokenizer, device)
@@ -128,8 +129,7 @@ def sample(args: argparse.Namespace) -> dict[str, Any] | None:
         }
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # no rank returns before the outputs are written; the group stays up
     return results
 
 
@@ -257,6 +257,38 @@ def add_checkpoint_args(p: argparse.ArgumentParser, generator: str, tokenizer: s
         default=None,
         help="EMA generator weights (default: when the checkpoint has them)",
     )
+
+
+def add_sampling_args(
+    p: argparse.ArgumentParser, cfg_schedule: str = "constant", temperature: float = 1.0
+) -> None:
+    """The sampling flags that ``ar_config`` and ``diffusion_config`` read (sample.py, the
+    post-training pairs, the sampling bench), with these defaults for the two that differ."""
+    p.add_argument(
+        "--cfg-schedule",
+        choices=CFG_SCHEDULES,
+        default=cfg_schedule,
+        help="AR guidance over token positions (default %(default)s); pow-cosine is RAR's ramp up "
+        "to --cfg (at 6.0 peak, about 3.3 on average over 256 tokens)",
+    )
+    p.add_argument("--cfg-power", type=float, default=1.15, help="exponent of pow-cosine")
+    p.add_argument(
+        "--cfg-interval",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("START", "END"),
+        help="fraction with guidance: of token positions (AR), of the way from noise to data "
+        "(diffusion)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help="AR logits; binary diffusion bit logits (default %(default)s)",
+    )
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
 
 
 def ar_config(args: argparse.Namespace, cfg_scale: float) -> SamplingConfig:

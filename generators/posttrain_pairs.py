@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vistok.common.images import to_uint8
-from vistok.common.processes import process_setup
+from vistok.common.processes import process_setup, process_teardown
 from vistok.data.codes import code_dtype, encode_codes
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.default_dataset import default_shards
@@ -51,8 +51,8 @@ from vistok.data.pairs import FORMAT, META, sample_seed
 from vistok.data.stream import expand_shards
 from vistok.generators.ar import GPT
 from vistok.generators.checkpoint import load_generator
-from vistok.generators.inference import add_checkpoint_args, ar_config
-from vistok.generators.sampling import CFG_SCHEDULES, SamplingConfig
+from vistok.generators.inference import add_checkpoint_args, add_sampling_args, ar_config
+from vistok.generators.sampling import SamplingConfig
 from vistok.generators.teacher_forcing import partially_denoised, teacher_forced
 from vistok.tokenizers.checkpoint import TokenizerMismatch, recorded_source, resolve_tokenizer
 
@@ -214,7 +214,8 @@ def pair_shard(
 
 
 def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Write the pairs of ``args.shards`` into ``args.out``; returns meta.json on rank 0."""
+    """Write the pairs of ``args.shards`` into ``args.out``; returns meta.json on rank 0. A
+    process group it starts stays up for the next call; ``main`` ends it."""
     if not 0.0 <= args.preservation <= 1.0:
         raise SystemExit(f"error: --preservation must be in [0, 1], got {args.preservation}")
     rank, world, device = process_setup()
@@ -301,9 +302,7 @@ def make_pairs(args: argparse.Namespace) -> dict[str, Any] | None:
             )
     _barrier(world)
     meta = finish_meta(out, args.split, len(urls)) if rank == 0 else None
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    _barrier(world)  # no rank returns before meta.json is complete; the group stays up
     return meta
 
 
@@ -321,20 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help="classifier-free guidance scale (default: RobusTok's 6.0 for AR, 1.0 for flow)",
     )
-    p.add_argument(
-        "--cfg-schedule",
-        choices=CFG_SCHEDULES,
-        default="pow-cosine",
-        help="AR guidance over token positions; default RobusTok's: RAR's power-cosine ramp up "
-        "to --cfg (6.0 peak, about 3.3 on average over 256 tokens)",
-    )
-    p.add_argument("--cfg-power", type=float, default=1.15, help="exponent of pow-cosine")
-    p.add_argument(
-        "--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("START", "END")
-    )
-    p.add_argument("--temperature", type=float, default=1.02)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    add_sampling_args(p, cfg_schedule="pow-cosine", temperature=1.02)  # RobusTok's
     p.add_argument(
         "--noise-level",
         type=float,
@@ -357,6 +343,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         meta = make_pairs(args)
     except (TokenizerMismatch, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
+    finally:
+        process_teardown()
     if meta is not None:
         info = meta["splits"][args.split]
         moved = (

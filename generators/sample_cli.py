@@ -8,8 +8,12 @@ import argparse
 from typing import Any
 
 from vistok.evaluation.ref_batch import RefBatchError
-from vistok.generators.inference import DEFAULT_STEPS, add_checkpoint_args, sample
-from vistok.generators.sampling import CFG_SCHEDULES
+from vistok.generators.inference import (
+    DEFAULT_STEPS,
+    add_checkpoint_args,
+    add_sampling_args,
+    sample,
+)
 from vistok.tokenizers.checkpoint import TokenizerMismatch
 
 
@@ -59,17 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default="constant")
-    p.add_argument("--cfg-power", type=float, default=1.15, help="exponent of pow-cosine")
-    p.add_argument(
-        "--cfg-interval",
-        type=float,
-        nargs=2,
-        default=[0.0, 1.0],
-        metavar=("START", "END"),
-        help="fraction with guidance: of token positions (AR), of the way from noise to data "
-        "(diffusion)",
-    )
+    add_sampling_args(p)
     p.add_argument(
         "--steps", type=int, help=f"diffusion: integration steps (default {DEFAULT_STEPS})"
     )
@@ -77,11 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sampler",
         choices=["euler", "heun"],
         help="flow matching: ODE solver (default euler; heun costs 2 evaluations per step)",
-    )
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument(
-        "--temperature", type=float, default=1.0, help="AR logits; binary diffusion bit logits"
     )
     p.add_argument(
         "--speculative",

@@ -152,6 +152,18 @@ def guided_labels(model: GPT, labels: Tensor, config: SamplingConfig) -> tuple[T
     return labels, scales
 
 
+def sampling_inputs(
+    model: GPT, labels: Tensor, config: SamplingConfig | None
+) -> tuple[SamplingConfig, Tensor, list[float]]:
+    """What the AR samplers start from: the config (the default when None), the labels on the
+    model's device, guided (``guided_labels``), and the per-position guidance scales."""
+    if model.training:
+        raise RuntimeError("call model.eval() before sampling (dropout would be active)")
+    config = config or SamplingConfig()
+    labels, scales = guided_labels(model, labels.to(model.norm.weight.device), config)
+    return config, labels, scales
+
+
 def decode_positions(
     model: GPT,
     labels: Tensor,
@@ -197,13 +209,8 @@ def generate(
 
     ``use_cache=False`` recomputes the whole prefix at every position (reference / benchmark).
     """
-    config = config or SamplingConfig()
-    if model.training:
-        raise RuntimeError("call model.eval() before sampling (dropout would be active)")
-    device = model.norm.weight.device
-    labels = labels.to(device)
     b = labels.shape[0]
-    labels, scales = guided_labels(model, labels, config)
+    config, labels, scales = sampling_inputs(model, labels, config)
     picker = Picker(config, labels.shape[0] > b, generator)
 
     def choose(i: int, h: Tensor) -> Tensor:

@@ -59,8 +59,8 @@ from vistok.generators.sampling import (
     _at_least_fp32,
     autocast_dtype,
     filter_logits,
-    guided_labels,
     sample_logits,
+    sampling_inputs,
 )
 
 NONE, UNIFORM, HIDDEN = 0, 1, 2  # where a position's draft came from
@@ -344,10 +344,10 @@ def speculative_generate(
     The rows of a batch share one KV cache position: each pass starts at the least advanced
     row, and rows further ahead feed their committed codes there again (same cache entries).
     """
-    config, spec = config or SamplingConfig(), spec or SpeculativeConfig()
+    b, n, f, v = labels.shape[0], model.num_tokens, model.factors, model.head.vocab
+    config, labels, scales = sampling_inputs(model, labels, config)
+    spec = spec or SpeculativeConfig()
     relaxed = spec.relaxed == "lantern" and not _greedy(config) and spec.lantern_delta > 0
-    if model.training:
-        raise RuntimeError("call model.eval() before sampling (dropout would be active)")
     index = model.kind == "index"
     if relaxed and (neighbours is None or (neighbours.table is None) == index):
         raise ValueError(
@@ -355,9 +355,6 @@ def speculative_generate(
             "codes: neighbours=Neighbours.from_tokenizer(tokenizer, k)"
         )
     device = model.norm.weight.device
-    labels = labels.to(device)
-    b, n, f, v = labels.shape[0], model.num_tokens, model.factors, model.head.vocab
-    labels, scales = guided_labels(model, labels, config)
     scales_all = torch.tensor(scales, device=device)
     m = labels.shape[0]
     guided = m > b

@@ -398,9 +398,8 @@ def test_perturbed_latents_keep_encoder_gradient(name):
     out = q(z)
     w = torch.randn_like(out.quantized)
     (ref,) = torch.autograd.grad((out.quantized * w).sum(), z, retain_graph=True)
-    g = torch.Generator().manual_seed(0)
-    pert = q.perturbed_latents(out, 1.0, g, z.detach())
     codes = q.perturb(out.codes, 1.0, torch.Generator().manual_seed(0), z.detach())
+    pert = q.perturbed_latents(out, codes)
     assert torch.equal(pert, q.codes_to_latents(codes))  # value: the perturbed codes
     (grad,) = torch.autograd.grad((pert * w).sum(), z)
     torch.testing.assert_close(grad, ref)  # gradient: the unperturbed straight-through path

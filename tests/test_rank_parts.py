@@ -13,12 +13,16 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_ar_cli import save_generator, save_tokenizer
+from test_ar_cli import image_shards, save_generator, save_tokenizer
 
+from vistok.common.processes import process_setup, process_teardown
 from vistok.common.rank_parts import PartSet, PartWriter, part_paths, write_npz_stream
 from vistok.generators import inference
 from vistok.generators.inference import sample
+from vistok.generators.posttrain_pairs import make_pairs
+from vistok.generators.posttrain_pairs import parse_args as parse_pairs_args
 from vistok.generators.sample_cli import parse_args
 
 
@@ -100,13 +104,16 @@ def test_parts_that_do_not_cover_every_index_are_refused(tmp_path):
         writer.close()
 
 
-def _sample_worker(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
+def _sample_worker(rank: int, world: int, ports: tuple, jobs: list, log: str) -> None:
+    """Runs the library calls ``jobs`` in turn in one process group, as a script or a notebook
+    would, then ends the group and starts a new one; logs rank 0's merge reads and whether the
+    group was up after each step."""
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
-        | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ports[0])}
     )
     torch.set_num_threads(1)
-    reads = []
+    reads, group_up = [], []
     read = inference.PartSet.read
 
     def logged(self, start, stop):
@@ -114,9 +121,21 @@ def _sample_worker(rank: int, world: int, port: int, argv: list[str], log: str) 
         return read(self, start, stop)
 
     inference.PartSet.read = logged  # this spawned process only
-    sample(parse_args(argv))
+    calls = {
+        "sample": lambda argv: sample(parse_args(argv)),
+        "pairs": lambda argv: make_pairs(parse_pairs_args(argv)),
+    }
+    for kind, argv in jobs:
+        calls[kind](argv)
+        group_up.append(dist.is_initialized())
+    process_teardown()  # as the commands end; a new group can start after it
+    group_up.append(dist.is_initialized())
+    os.environ["MASTER_PORT"] = str(ports[1])
+    again = process_setup()
+    group_up.append(dist.is_initialized() and again[:2] == (rank, world))
+    process_teardown()
     with open(f"{log}{rank}.json", "w") as f:
-        json.dump(reads, f)
+        json.dump({"reads": reads, "group_up": group_up}, f)
 
 
 def free_port() -> int:
@@ -126,26 +145,39 @@ def free_port() -> int:
 
 
 def test_two_process_sampling_merges_parts_by_name(tmp_path, one_thread):
+    """Two processes sample, make post-training pairs and sample again in one process group:
+    the library calls leave the group up, and each sampling run writes what one process does."""
     save_tokenizer(tmp_path / "tok.ckpt")
     _, gen = save_generator(tmp_path, tmp_path / "tok.ckpt", ema=False)
     argv = ["--generator", gen, "--num-images", "7", "--batch-size", "2", "--fid", "off"]
     sample(parse_args([*argv, "--out", str(tmp_path / "one")]))
-    two = tmp_path / "two"
+    shards = image_shards(tmp_path, 6)  # 2 shards: one per process
+    outs = [tmp_path / "two", tmp_path / "again"]
+    jobs = [
+        ("sample", [*argv, "--out", str(outs[0])]),
+        ("pairs", ["--generator", gen, "--shards", shards, "--out", str(tmp_path / "pairs")]),
+        ("sample", [*argv, "--out", str(outs[1])]),
+    ]
     mp.spawn(
         _sample_worker,
-        args=(2, free_port(), [*argv, "--out", str(two)], str(tmp_path / "reads")),
+        args=(2, (free_port(), free_port()), jobs, str(tmp_path / "log")),
         nprocs=2,
         join=True,
     )
-    one_npz, two_npz = np.load(tmp_path / "one" / "samples.npz"), np.load(two / "samples.npz")
-    assert two_npz["arr_0"].shape[0] == 7
-    assert np.array_equal(two_npz["arr_0"], one_npz["arr_0"])
-    assert np.array_equal(two_npz["labels"], one_npz["labels"])
-    assert not (two / "parts").exists() and not (tmp_path / "one" / "parts").exists()
-    reads0 = json.loads((tmp_path / "reads0.json").read_text())
-    assert reads0 and max(reads0) <= 2  # rank 0 merged a batch at a time
-    assert json.loads((tmp_path / "reads1.json").read_text()) == []
-    assert (two / "grid.png").is_file()
+    one_npz = np.load(tmp_path / "one" / "samples.npz")
+    for two in outs:
+        two_npz = np.load(two / "samples.npz")
+        assert two_npz["arr_0"].shape[0] == 7
+        assert np.array_equal(two_npz["arr_0"], one_npz["arr_0"])
+        assert np.array_equal(two_npz["labels"], one_npz["labels"])
+        assert not (two / "parts").exists() and (two / "grid.png").is_file()
+    assert not (tmp_path / "one" / "parts").exists()
+    pairs = json.loads((tmp_path / "pairs" / "meta.json").read_text())["splits"]["train"]
+    assert pairs["complete"] and pairs["count"] == 6
+    logs = [json.loads((tmp_path / f"log{r}.json").read_text()) for r in range(2)]
+    assert [log["group_up"] for log in logs] == [[True, True, True, False, True]] * 2
+    assert logs[0]["reads"] and max(logs[0]["reads"]) <= 2  # rank 0 merged a batch at a time
+    assert logs[1]["reads"] == []
 
 
 def test_write_images_streams_the_npz_and_grids_the_first_64(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vistok.common.processes import process_setup
+from vistok.common.processes import process_setup, process_teardown
 from vistok.data.codes import FORMAT, META, LatentStats, code_dtype, decode_codes, encode_codes
 from vistok.data.datamodule import ImageDataModule
 from vistok.data.default_dataset import default_shards
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         a.device,
         a.float16,
     )
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    process_teardown()
     if meta is None:  # not rank 0
         return None
     info = meta["splits"][a.split]

@@ -74,7 +74,8 @@ class LatentPerturbation(Configurable, nn.Module):
         gen = torch.Generator(device=latents.device)
         gen.manual_seed(hash((self.seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
         head = out._replace(quantized=out.quantized[:n], codes=out.codes[:n])
-        perturbed = quantizer.perturbed_latents(head, strength, gen, latents[:n])  # (n, C, *S)
+        codes = quantizer.perturb(head.codes, strength, gen, latents[:n])
+        perturbed = quantizer.perturbed_latents(head, codes)  # (n, C, *S)
         changed = (perturbed.detach() != head.quantized.detach()).any(dim=1)  # (n, *S)
         stats["perturb/replaced"] = changed.float().mean()  # effective token replacement rate
         return torch.cat([perturbed, out.quantized[n:]]), stats

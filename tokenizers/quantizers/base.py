@@ -102,20 +102,14 @@ class Quantizer(Configurable, nn.Module):
         """The hook each discrete quantizer implements: move codes by the explicit ``p``."""
         raise NotImplementedError(f"{type(self).__name__} has no discrete codes to perturb")
 
-    def perturbed_latents(
-        self,
-        out: QuantizerOutput,
-        strength: float,
-        generator: torch.Generator | None = None,
-        latents: Tensor | None = None,
-    ) -> Tensor:
-        """Decoder input for perturbed codes, with the gradient of the unperturbed path.
+    def perturbed_latents(self, out: QuantizerOutput, codes: Tensor) -> Tensor:
+        """Decoder input for ``codes`` (``out.codes`` moved by ``perturb``), with the gradient of
+        the unperturbed path.
 
-        The value is exactly ``codes_to_latents(perturb(out.codes))`` while the gradient flows
-        to the encoder as if unperturbed (straight-through), so reconstruction, perceptual and
-        GAN losses on perturbed latents still train the encoder.
+        The value is exactly ``codes_to_latents(codes)`` while the gradient flows to the encoder
+        as if unperturbed (straight-through), so reconstruction, perceptual and GAN losses on
+        perturbed latents still train the encoder.
         """
-        codes = self.perturb(out.codes, strength, generator, latents)
         target = self.codes_to_latents(codes).to(out.quantized.dtype)
         return target + (out.quantized - out.quantized.detach())
 
