@@ -49,6 +49,9 @@ import pytorch_lightning as pl
 import torch
 
 import vistok
+from vistok.common.checkpoints import read_checkpoint
+from vistok.common.ema import pop_averages
+from vistok.common.hub import read_config, resolve_folder
 from vistok.common.summary import closing_summary
 from vistok.data.datamodule import ImageDataModule
 from vistok.evaluation.callbacks import ReconstructionEval
@@ -69,6 +72,18 @@ class _Evaluated(pl.LightningModule):
 def load(src: str, device: str = "cpu"):
     """The one place the benchmark loads a tokenizer: checkpoint, exported folder or Hub id."""
     return vistok.load_tokenizer(src, device=device)
+
+
+def provenance(src: str) -> dict[str, Any]:
+    """The training step and the weights (EMA when the source has them, as ``load`` takes them)
+    of a run checkpoint, an exported folder or a Hub id, for the protocol: the evaluation's own
+    trainer starts at step 0 and holds no EMA."""
+    if src.endswith(".ckpt"):
+        ckpt = read_checkpoint(src)
+        ema = pop_averages(dict(ckpt.get("state_dict") or {}), src) is not None
+        return {"evaluated_at_step": ckpt.get("global_step"), "weights": "ema" if ema else "raw"}
+    config = read_config(resolve_folder(src))
+    return {"evaluated_at_step": config.get("global_step"), "weights": config.get("weights")}
 
 
 def describe_codes(tokenizer, resolution: int) -> dict[str, Any]:
@@ -197,7 +212,7 @@ def evaluate(src: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "codebook_perplexity": m.get("codebook_perplexity"),
         "bit_entropy": m.get("bit_entropy"),
         **throughput(tokenizer, batches),
-        "protocol": callback.protocol["reconstruction_eval"],
+        "protocol": {**callback.protocol["reconstruction_eval"], **provenance(src)},
     }
     return row
 

@@ -14,6 +14,7 @@ from test_pfid import _write_split
 from vistok import load_tokenizer
 from vistok.common.hub import save_pretrained
 from vistok.data.datamodule import ImageDataModule
+from vistok.evaluation.benchmark import provenance
 from vistok.tokenizers.gaussian import KLTokenizer
 from vistok.tokenizers.vq import VQTokenizer
 
@@ -26,7 +27,10 @@ def test_benchmark_two_families_and_a_broken_entry(tmp_path, monkeypatch):
     folders = {}
     for name, cls in (("vq", VQTokenizer), ("kl", KLTokenizer)):
         tok = cls(**SMALL).eval()
-        folders[name] = save_pretrained(tok, tmp_path / name, "tokenizer", {"info": tok.describe()})
+        trained = {"global_step": 123, "weights": "ema"} if name == "vq" else {}
+        folders[name] = save_pretrained(
+            tok, tmp_path / name, "tokenizer", {"info": tok.describe(), **trained}
+        )
     shards = _write_split(tmp_path / "shards", 8)
     out = tmp_path / "bench"
     missing = str(tmp_path / "nowhere")
@@ -50,6 +54,9 @@ def test_benchmark_two_families_and_a_broken_entry(tmp_path, monkeypatch):
     assert vq["pfid"] == vq["pfid_curve"]["0.5"] and 0 < vq["codebook_usage"] <= 1
     assert kl["pfid"] is None and kl["pfid_curve"] is None and "n/a" in kl["pfid_note"]
     assert kl["bits_per_token"] is None and kl["dimension_ratio"] > 1
+    # The protocol names the folder's own training step and weights, not the evaluation's.
+    assert (vq["protocol"]["evaluated_at_step"], vq["protocol"]["weights"]) == (123, "ema")
+    assert (kl["protocol"]["evaluated_at_step"], kl["protocol"]["weights"]) == (None, None)
     for row in (vq, kl):
         assert row["protocol"]["images"] == 8 and row["rfid"] > 0 and 0 <= row["lpips"] < 1
         assert row["encode_images_per_s"] > 0 and row["decode_images_per_s"] > 0
@@ -77,3 +84,12 @@ def test_benchmark_two_families_and_a_broken_entry(tmp_path, monkeypatch):
     for png in results["plots"]:
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_provenance_of_a_run_checkpoint(tmp_path):
+    state = {"tokenizer.w": torch.zeros(2)}
+    for ema, name in ((False, "raw"), (True, "ema")):
+        path = tmp_path / f"{name}.ckpt"
+        averages = {"ema.w": torch.ones(2)} if ema else {}
+        torch.save({"global_step": 40, "state_dict": {**state, **averages}}, path)
+        assert provenance(str(path)) == {"evaluated_at_step": 40, "weights": name}
