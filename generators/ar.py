@@ -35,6 +35,23 @@ from vistok.generators.heads import make_head
 from vistok.generators.layers import Block, KVCache, RMSNorm, init_weights, rope_angles
 
 # ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def token_loss(logits: Tensor, seq: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean cross-entropy per factor of logits (B, N, F, V) against codes (B, N, F), plus the NLL
+    per token (nats) and the accuracy for logging."""
+    logits = logits.float()
+    ce = F.cross_entropy(rearrange(logits, "b n f v -> b v n f"), seq, reduction="none")
+    with torch.no_grad():
+        stats = {
+            "nll_per_token": ce.sum(-1).mean(),
+            "accuracy": (logits.argmax(-1) == seq).float().mean(),
+        }
+    return ce.mean(), stats
+
+
+# ---------------------------------------------------------------------------------------------
 # Main module
 
 
@@ -179,16 +196,8 @@ class GPT(Configurable, nn.Module):
         return self.head.logits(h, seq)
 
     def loss(self, codes: Tensor, labels: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mean cross-entropy per factor, plus NLL per token (nats) and accuracy for logging."""
-        seq = self.to_sequence(codes)  # (B, N, F)
-        logits = self(codes, labels).float()  # (B, N, F, V)
-        ce = F.cross_entropy(rearrange(logits, "b n f v -> b v n f"), seq, reduction="none")
-        with torch.no_grad():
-            stats = {
-                "nll_per_token": ce.sum(-1).mean(),
-                "accuracy": (logits.argmax(-1) == seq).float().mean(),
-            }
-        return ce.mean(), stats
+        """Teacher-forced ``token_loss`` of codes in the tokenizer's layout."""
+        return token_loss(self(codes, labels), self.to_sequence(codes))
 
     # --- incremental decoding -------------------------------------------------------------------
     def setup_cache(self, batch: int, dtype: torch.dtype | None = None, device=None) -> None:
