@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias
 
+from vistok.generators import layers
 from vistok.generators.ar import GPT, token_loss
-from vistok.generators.layers import apply_rope, rope_angles
+from vistok.generators.layers import apply_rope, rope_angles, rope_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +55,7 @@ def test_rope_rotates_each_pair_by_its_angle(token_shape):
     g = torch.Generator().manual_seed(1)
     qkv = torch.randn(2, t, 3 * heads * head_dim, generator=g)
     q = qkv.view(2, t, 3, heads, head_dim)[:, :, 0].transpose(1, 2)  # (B, H, T, Dh), strided
-    out = apply_rope(q, angles.cos(), angles.sin())
+    out = apply_rope(q, *rope_tables(angles))
 
     pairs = q.double().reshape(2, heads, t, head_dim // 2, 2)
     z = torch.complex(pairs[..., 0], pairs[..., 1]) * torch.polar(
@@ -71,8 +72,8 @@ def test_rope_backward_is_the_inverse_rotation():
     angles = rope_angles((3, 3), 8)
     x = torch.randn(2, 2, 10, 8, requires_grad=True)
     grad = torch.randn(2, 2, 10, 8)
-    apply_rope(x, angles.cos(), angles.sin()).backward(grad)
-    back = apply_rope(grad, (-angles).cos(), (-angles).sin())
+    apply_rope(x, *rope_tables(angles)).backward(grad)
+    back = apply_rope(grad, *rope_tables(-angles))
     assert torch.allclose(x.grad, back, atol=1e-6)
 
 
@@ -82,13 +83,21 @@ def test_attention_never_builds_a_mask(kind, monkeypatch):
     Decoding several tokens through the cache (speculative verification): a CausalBias, and the
     same hidden states as the cache-free pass."""
     calls = []
-    sdpa = F.scaled_dot_product_attention
 
-    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
-        calls.append((q.shape[2], attn_mask, is_causal))
-        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+    class Recording:
+        """torch.nn.functional as the attention layers see it, SDPA calls recorded. (Patching
+        torch's own attribute would hide SDPA from CausalBias, which dispatches on it.)"""
 
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        def scaled_dot_product_attention(self, q, k, v, attn_mask=None, is_causal=False, **kw):
+            calls.append((q.shape[2], attn_mask, is_causal))
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw
+            )
+
+    monkeypatch.setattr(layers, "F", Recording())
     torch.manual_seed(0)
     model = GPT(SPACES[kind], [3, 3], 5, preset="tiny").train()
     codes = torch.randint(2, (2, 3, 3, *([] if kind == "index" else [model.factors])))
