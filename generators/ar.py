@@ -32,14 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vistok.common.configurable import Configurable
 from vistok.generators.heads import make_head
-from vistok.generators.layers import (
-    Block,
-    KVCache,
-    RMSNorm,
-    init_weights,
-    rope_angles,
-    rope_tables,
-)
+from vistok.generators.layers import Block, KVCache, RMSNorm, init_weights, rope_angles, rope_tables
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
