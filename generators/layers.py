@@ -65,9 +65,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs (x0, x1) of x (B, H, T, Dh) by their angles:
     (x0 cos - x1 sin, x1 cos + x0 sin), with ``rope_tables`` (T, Dh).
 
-    Three full-width products on the pair-swapped x (the same arithmetic as splitting the pairs
-    apart and stacking them again, without the split/stack copies): about 3x faster forward +
-    backward on a CPU (bench/gpt_step.py --components)."""
+    Full-width products with x and its pair-swapped copy: the same arithmetic, bit for bit, as
+    splitting the pairs apart and stacking them again, in fewer passes and autograd nodes
+    (bench/gpt_step.py --components times it)."""
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
     return (xf * cos + swapped * sin).to(x.dtype)
