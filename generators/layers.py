@@ -54,12 +54,23 @@ def rope_angles(token_shape: tuple[int, ...], head_dim: int, base: float = 10000
     return torch.cat([angles.new_zeros(1, angles.shape[1]), angles]).float()  # (1 + N, Dh/2)
 
 
+def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """Angles (T, Dh/2) -> the full-width tables (T, Dh) that ``apply_rope`` multiplies by:
+    each pair's cosine twice, and its sine as (-sin, +sin)."""
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of x (B, H, T, Dh) by angles given as cos/sin (T, Dh/2)."""
-    pairs = rearrange(x.float(), "b h t (d two) -> b h t d two", two=2)
-    x0, x1 = pairs.unbind(-1)  # (B, H, T, Dh/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return rearrange(out, "b h t d two -> b h t (d two)").to(x.dtype)
+    """Rotate consecutive pairs (x0, x1) of x (B, H, T, Dh) by their angles:
+    (x0 cos - x1 sin, x1 cos + x0 sin), with ``rope_tables`` (T, Dh).
+
+    Full-width products with x and its pair-swapped copy: the same arithmetic, bit for bit, as
+    splitting the pairs apart and stacking them again, in fewer passes and autograd nodes
+    (bench/gpt_step.py --components times it)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return (xf * cos + swapped * sin).to(x.dtype)
 
 
 class KVCache:

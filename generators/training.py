@@ -103,13 +103,9 @@ class GeneratorModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.net.parameters() if p.requires_grad]
-        # Norm gains and biases are not decayed (LlamaGen decays tensors with >= 2 dims).
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
         speed = getattr(self, "speed", None) or resolve(hp.get("speed"), self.device)
         fused = speed["fused_optimizer"] and fused_available(params)
+        groups = decay_groups(params, hp.weight_decay)
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
         factor = warmup_cosine(hp.warmup_steps, total, hp.lr_schedule, hp.min_lr_ratio)
@@ -160,6 +156,15 @@ class GeneratorModule(pl.LightningModule):
     def protocol(self) -> dict[str, Any]:
         """What results.json records next to the validation numbers."""
         return {"tokenizer": self.identity, "preset": self.hparams.preset}
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: norm gains and biases are not decayed (LlamaGen decays tensors with
+    >= 2 dims: matrices and embeddings)."""
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def check_codes_match(meta: dict, identity: dict, net: nn.Module) -> None:
