@@ -36,6 +36,8 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
             # batch 16, 2 idle cores), which is what keeps the whole pipeline under 30 minutes.
             "--model.init_args.tokenizer.init_args.channel_mult=[1,2,4,4]",
             "--trainer.max_steps=400",
+            # validation (and so the rFID/pFID evaluation) must fall on the last step
+            "--trainer.val_check_interval=200",
             "--trainer.callbacks.init_args.every_n_steps=400",  # once, at the last step
         ],
         generator=["--config=generator/ar_cpu_small.yaml", "--trainer.max_steps=300"],

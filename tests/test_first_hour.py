@@ -128,3 +128,20 @@ def test_readme_pipeline_block_is_what_the_pipeline_runs(capsys):
     block = readme[readme.index(marker) + len(marker) :].split("```", 1)[0]
     main(["--dry-run"])
     assert block.strip() == capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("name", ["cpu_small", "tiny"])
+def test_pipeline_tokenizer_evaluates_at_its_last_step(name):
+    """The report's rFID/pFID come from the evaluation at the tokenizer's last step: that step
+    must be a validation step and an evaluation step of the stacked configs."""
+    import yaml
+
+    from vistok.pipeline import PIPELINE_PRESETS
+
+    args = ["train.py", *PIPELINE_PRESETS[name]["tokenizer"], "--print_config"]
+    config = yaml.safe_load(run(args).stdout)
+    trainer = config["trainer"]
+    (evaluation,) = [c for c in trainer["callbacks"] if "every_n_steps" in c["init_args"]]
+    last = trainer["max_steps"]
+    assert last % trainer["val_check_interval"] == 0, trainer["val_check_interval"]
+    assert last % evaluation["init_args"]["every_n_steps"] == 0
